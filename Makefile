@@ -1,0 +1,39 @@
+# Two entry points (see README): `make demo` and `make test`. Everything else is set-up.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test lint pytest nbval notebooks bench clean
+
+venv:
+	@bash scripts/setup_venv.sh
+
+demo: venv
+	$(PY) -m jupyterlab --notebook-dir=notebooks
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+pytest: venv
+	$(PY) -m pytest
+
+nbval: venv
+	@bash scripts/run_nbval.sh
+
+test: venv
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+	@bash scripts/run_nbval.sh
+
+# Re-execute every notebook in place and store its outputs (when they are meant to change).
+notebooks: venv
+	@bash scripts/run_nbval.sh --refresh
+
+# Peer libraries for side-by-side benchmarks. kronfluence declares torchvision, which would replace the
+# CPU torch: install it without deps plus what it really imports.
+bench: venv
+	$(PY) -m pip install -q -c constraints.txt --no-deps kronfluence
+	$(PY) -m pip install -q -c constraints.txt accelerate einconv einops opt-einsum safetensors tqdm
+	@for b in benchmarks/*.py; do echo ">> $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

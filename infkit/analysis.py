@@ -1,0 +1,201 @@
+"""The public entry point: an :class:`Analysis` ties a model, a task, train data and an estimator together.
+
+    an = Analysis(model, tasks.CausalLM(tokenizer=tok), train_data, estimator="ekfac")
+    an.fit()                      # curvature (progress bar); again: a no-op
+    res = an.scores(queries)      # InfluenceResult: res.scores [n_query, n_train], res.per_layer, res.top(q)
+    an.self_influence()           # [n_train], >= 0
+    an.token_scores(q, i)         # per-token split of res.scores[q, i]
+
+The flow (DESIGN.md §3): query gradients (measurement) -> precondition by the estimator -> dot with the train
+gradients (data labels), layer by layer, so per-layer scores and their sum come out of one pass.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from infkit.capture import find_layers
+from infkit.errors import InfkitError
+from infkit.estimators import make_estimator
+from infkit.estimators.base import Damping, Grads
+from infkit.passes import DataPasses, data_length
+from infkit.result import InfluenceResult, TokenScores
+from infkit.tasks import Task
+
+FISHER_KINDS = ("sampled", "empirical")
+
+
+class Analysis:
+    """Influence of ``train_data`` on queries, for ``model`` under ``task``.
+
+    Args:
+        model: a torch module (a transformers model, a peft model, a plain nn.Module).
+        task: a :class:`infkit.tasks.Task` (``tasks.CausalLM()``, ``tasks.Classification()`` or your own).
+        train_data: a list of examples, a torch Dataset or a ``datasets.Dataset``; the task collates them.
+        estimator: "ekfac" (default), "kfac", "identity" (gradient dot product), "exact" (dense, small models).
+        damping: None for the estimator's heuristic, a float λ for every layer, or {layer name: λ}.
+        batch_size: examples per forward/backward pass.
+        seed: seeds the sampled Fisher labels, so the same seed gives the same scores.
+        fisher: "sampled" (labels drawn from the model, the true Fisher) or "empirical" (the data's labels).
+        modules: glob pattern(s) of module names to track; default every Linear/Conv1D with a trainable weight.
+        progress: show tqdm progress bars.
+        estimator_options: passed to the estimator (e.g. ``block_diagonal=True`` for "exact").
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task: Task,
+        train_data: Any,
+        estimator: str = "ekfac",
+        damping: Damping = None,
+        batch_size: int = 8,
+        seed: int = 0,
+        fisher: str = "sampled",
+        modules: str | list[str] | None = None,
+        progress: bool = True,
+        **estimator_options: Any,
+    ):
+        if fisher not in FISHER_KINDS:
+            raise InfkitError(f"fisher={fisher!r} is not one of {FISHER_KINDS}")
+        if batch_size < 1:
+            raise InfkitError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(task, Task):
+            raise InfkitError(f"task must be an infkit Task (e.g. infkit.tasks.CausalLM()), got {type(task).__name__}")
+        self.model, self.task, self.train_data = model, task, train_data
+        self.batch_size, self.seed, self.fisher, self.progress = batch_size, seed, fisher, progress
+        self.layers = find_layers(model, modules)
+        if data_length(train_data) == 0:
+            raise InfkitError("the train data is empty: influence needs at least one training example")
+        self.estimator = make_estimator(estimator, self.layers, damping, estimator_options)
+        self.fitted = False
+        self.timings: dict[str, float] = {}
+        self._last_result: InfluenceResult | None = None
+
+    # -- passes -------------------------------------------------------------------------------------------
+    def _passes(self, data: Any, what: str) -> DataPasses:
+        return DataPasses(
+            self.model, self.task, data, self.layers, self.batch_size, self.seed, self.fisher, self.progress, what
+        )
+
+    @property
+    def n_train(self) -> int:
+        return data_length(self.train_data)
+
+    @property
+    def n_params(self) -> int:
+        return sum(layer.n_params for layer in self.layers.values())
+
+    def fit(self) -> Analysis:
+        """Fit the estimator's curvature on the train data (once; calling again does nothing)."""
+        if not self.fitted:
+            start = time.perf_counter()
+            self.estimator.fit(self._passes(self.train_data, "train"))
+            self.timings["fit"] = time.perf_counter() - start
+            self.fitted = True
+        return self
+
+    def _require_fit(self, what: str) -> None:
+        if not self.fitted:
+            if self.estimator.needs_fit:
+                raise InfkitError(f"{what} needs a fitted analysis: call an.fit() first")
+            self.fit()
+
+    # -- gradients ----------------------------------------------------------------------------------------
+    def query_gradients(self, query_data: Any) -> Grads:
+        """∇f(z_q) of each query, {layer: [n_query, d_out, d_in]}."""
+        grads: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        for cb in self._passes(query_data, "query").iterate("measure", desc="query gradients"):
+            for name in self.layers:
+                grads[name].append(cb.grads(name))
+        return {name: torch.cat(parts) for name, parts in grads.items()}
+
+    def preconditioned_queries(self, query_data: Any) -> Grads:
+        """Ṽ = (G + λI)⁻¹ ∇f(z_q) per layer, [n_query, d_out, d_in]."""
+        self._require_fit("scoring")
+        return self.estimator.precondition(self.query_gradients(query_data))
+
+    # -- scores -------------------------------------------------------------------------------------------
+    def scores(self, query_data: Any) -> InfluenceResult:
+        """Pairwise scores of every query against every train example, split by layer."""
+        self._require_fit("scores()")
+        start = time.perf_counter()
+        preconditioned = self.preconditioned_queries(query_data)
+        per_layer = self._score_train(preconditioned)
+        total = torch.stack(list(per_layer.values())).sum(dim=0)
+        self.timings["scores"] = time.perf_counter() - start
+        self._last_result = InfluenceResult(
+            scores=total,
+            per_layer=per_layer,
+            estimator=self.estimator.name,
+            damping=dict(self.estimator.damping_used),
+            info={"fisher": self.fisher, "seconds": self.timings["scores"]},
+            _analysis=self,
+            _preconditioned=preconditioned,
+        )
+        return self._last_result
+
+    def _score_train(self, preconditioned: Grads) -> dict[str, torch.Tensor]:
+        n_query = next(iter(preconditioned.values())).shape[0]
+        per_layer = {name: torch.zeros(n_query, self.n_train) for name in self.layers}
+        for cb in self._passes(self.train_data, "train").iterate("true", desc="scoring train data"):
+            for name in self.layers:
+                train_grads = cb.grads(name)
+                v = preconditioned[name].to(train_grads.dtype)
+                per_layer[name][:, cb.indices] = (v.flatten(1) @ train_grads.flatten(1).T).cpu().to(torch.float32)
+        return per_layer
+
+    def self_influence(self) -> torch.Tensor:
+        """∇L(z_i)ᵀ (G + λI)⁻¹ ∇L(z_i) for every train example, [n_train] (>= 0)."""
+        self._require_fit("self_influence()")
+        values = torch.zeros(self.n_train)
+        for cb in self._passes(self.train_data, "train").iterate("true", desc="self-influence"):
+            grads = {name: cb.grads(name) for name in self.layers}
+            preconditioned = self.estimator.precondition(grads)
+            total = sum((preconditioned[n].flatten(1) * grads[n].flatten(1)).sum(dim=1) for n in self.layers)
+            values[cb.indices] = total.cpu().to(torch.float32)
+        return values
+
+    def token_scores(self, q: int, i: int, result: InfluenceResult | None = None) -> TokenScores:
+        """Per-token contributions s_tᵀ Ṽ_q a_t of train example i to query q of ``result`` (default: the last
+        ``scores()`` call's). They sum, with the per-layer split, to ``result.scores[q, i]``."""
+        result = result if result is not None else self._last_result
+        if result is None or result._preconditioned is None:
+            raise InfkitError("token_scores(q, i) needs a result: call an.scores(queries) first")
+        if not 0 <= q < result.n_query:
+            raise InfkitError(f"query index {q} is out of range for {result.n_query} queries")
+        if not 0 <= i < self.n_train:
+            raise InfkitError(f"train index {i} is out of range for {self.n_train} train examples")
+        passes = self._passes(self.train_data, "train")
+        cb = passes.capture([i], "true")
+        mask = self.task.token_mask(cb.batch)
+        positions = int(mask[0].sum()) if mask is not None else None
+        per_layer: dict[str, torch.Tensor] = {}
+        unassigned = 0.0
+        for name in self.layers:
+            a, s = cb.activations[name][0], cb.output_grads[name][0]  # [T, d_in], [T, d_out]
+            v = result._preconditioned[name][q].to(a.dtype)
+            per_token = torch.einsum("to,oi,ti->t", s, v, a)
+            if positions is not None and per_token.shape[0] == mask.shape[1]:
+                per_layer[name] = per_token[mask[0].bool()].cpu()
+            else:
+                unassigned += float(per_token.sum())
+        try:
+            token_ids, tokens = self.task.tokens(cb.batch, 0)
+        except NotImplementedError:
+            token_ids, tokens = [], None
+        length = len(token_ids)
+        values = torch.zeros(length, dtype=torch.float64)
+        for per_token in per_layer.values():
+            values += per_token.double()
+        return TokenScores(q, i, token_ids, tokens, values, per_layer, unassigned)
+
+    def __repr__(self) -> str:
+        state = "fitted" if self.fitted else "not fitted"
+        return (
+            f"Analysis(estimator={self.estimator.name!r}, layers={len(self.layers)}, params={self.n_params}, "
+            f"n_train={self.n_train}, fisher={self.fisher!r}, {state})"
+        )

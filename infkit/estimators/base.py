@@ -1,0 +1,76 @@
+"""The one interface every estimator shares: fit on train data, then precondition query gradients.
+
+An estimator sees tensors only (capture is elsewhere). Gradients travel as ``{layer name: [Q, d_out, d_in]}``
+dicts, laid out as in :mod:`infkit.capture`. Adding an estimator is one file with a subclass decorated by
+``@register("name")``.
+
+Damping (DESIGN.md §2): ``damping=None`` uses the estimator's own heuristic; a float is the absolute λ added to
+the curvature of every layer; a dict ``{layer name: λ}`` sets layers one by one (layers it omits use the
+heuristic).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from infkit.capture import Layer
+from infkit.errors import InfkitError
+
+Grads = dict[str, torch.Tensor]
+Damping = float | dict[str, float] | None
+
+REGISTRY: dict[str, type[Estimator]] = {}
+
+
+def register(name: str):
+    def add(cls: type[Estimator]) -> type[Estimator]:
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def make_estimator(name: str, layers: dict[str, Layer], damping: Damping, options: dict[str, Any]) -> Estimator:
+    if name not in REGISTRY:
+        raise InfkitError(f"unknown estimator {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](layers, damping, **options)
+
+
+class Estimator:
+    """Base class. Subclasses implement ``fit`` and ``precondition`` and fill ``self.damping_used``."""
+
+    name = "base"
+    #: False for estimators that need no pass over the data before scoring (gradient dot product).
+    needs_fit = True
+
+    def __init__(self, layers: dict[str, Layer], damping: Damping = None):
+        self.layers = layers
+        self.damping = damping
+        self.damping_used: dict[str, float] = {}
+
+    def fit(self, passes) -> None:  # passes: infkit.passes.DataPasses
+        raise NotImplementedError
+
+    def precondition(self, grads: Grads) -> Grads:
+        """(G + λI)⁻¹ applied to each query gradient; same dict layout in and out."""
+        raise NotImplementedError
+
+    def resolve_damping(self, name: str, heuristic: float) -> float:
+        """The λ of one layer: the user's float or dict entry, else the estimator's heuristic."""
+        if isinstance(self.damping, dict):
+            value = self.damping.get(name, heuristic)
+        elif self.damping is None:
+            value = heuristic
+        else:
+            value = float(self.damping)
+        if not value >= 0:
+            raise InfkitError(f"damping for layer {name!r} is {value}; it must be a number >= 0")
+        self.damping_used[name] = float(value)
+        return float(value)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors that define the fitted estimator (for caches and saving)."""
+        return {}

@@ -1,0 +1,21 @@
+"""Gradient dot product: score(q, i) = ∇f(z_q)ᵀ ∇L(z_i), the "Hessian-free" baseline.
+
+The curvature is taken as the identity and damping is ignored, so these scores are not on the scale of the
+curvature-based estimators (they differ by roughly the inverse of a typical curvature eigenvalue); compare them
+by correlation or ranking, not by magnitude.
+"""
+
+from __future__ import annotations
+
+from infkit.estimators.base import Estimator, Grads, register
+
+
+@register("identity")
+class Identity(Estimator):
+    needs_fit = False
+
+    def fit(self, passes) -> None:
+        self.damping_used = {name: 0.0 for name in self.layers}
+
+    def precondition(self, grads: Grads) -> Grads:
+        return dict(grads)

@@ -1,0 +1,285 @@
+"""Tasks: what a model's training loss and a query's measurement are.
+
+A task turns a list of examples into a batch (``collate``), runs the model (``forward``), and gives per-example
+losses. infkit's conventions (DESIGN.md §2):
+
+* ``train_loss(model, batch, sample=...)`` returns one loss per example, a **sum** over its tokens, shape [B].
+  With ``sample`` a ``torch.Generator``, the labels are drawn from the model's own predictive distribution
+  (true Fisher); with ``sample=None`` the data's labels are used.
+* ``measurement(model, batch)`` returns one value per query, shape [B]; its gradient is the query side of a
+  score. By default it is the loss of the labelled tokens, so for a prompt/completion pair it measures the
+  completion.
+* ``token_mask(batch)`` marks the real (unpadded) positions, shape [B, T], or ``None`` for inputs without
+  positions. Padded positions contribute nothing.
+* ``output_hessian_root(model, batch)`` (optional) returns the model outputs z [B, P, C] and a root R
+  [B, P, C, C] with R Rᵀ = ∂²loss/∂z² at each position; the exact estimator builds the GGN from it.
+
+A custom task subclasses :class:`Task` and overrides what differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from infkit.errors import InfkitError
+
+IGNORE_INDEX = -100
+
+
+class Task:
+    """Base class and protocol for tasks. Subclasses define at least ``collate``, ``forward``, ``train_loss``."""
+
+    tokenizer: Any = None
+
+    def collate(self, examples: Sequence[Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def forward(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_loss(self, model, batch, sample: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def measurement(self, model, batch) -> torch.Tensor:
+        return self.train_loss(model, batch, sample=None)
+
+    def token_mask(self, batch) -> torch.Tensor | None:
+        return None
+
+    def tokens(self, batch, index: int) -> tuple[list[int], list[str] | None]:
+        """Token ids of one example (unpadded) and their text when the task has a tokenizer."""
+        raise NotImplementedError(f"{type(self).__name__} has no tokens; per-token scores need a sequence task")
+
+    def output_hessian_root(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define output_hessian_root, which the exact GGN needs; "
+            "use fisher='empirical' or implement it"
+        )
+
+    def batch_to(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw one label per position from softmax(logits), reproducibly from ``generator`` (on CPU)."""
+    probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
+    flat = probs.reshape(-1, probs.shape[-1])
+    drawn = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    return drawn.to(logits.device)
+
+
+def _softmax_hessian_root(logits: torch.Tensor) -> torch.Tensor:
+    """R with R Rᵀ = diag(p) − p pᵀ, the Hessian of cross-entropy w.r.t. logits: R = diag(√p) − p √pᵀ."""
+    probs = torch.softmax(logits.detach(), dim=-1)
+    root_p = probs.sqrt()
+    return torch.diag_embed(root_p) - probs.unsqueeze(-1) * root_p.unsqueeze(-2)
+
+
+def _logits_of(output: Any) -> torch.Tensor:
+    if torch.is_tensor(output):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None:
+        raise InfkitError(f"the model returned {type(output).__name__} with no logits; a task expects logits")
+    return logits
+
+
+@dataclass
+class Classification(Task):
+    """Cross-entropy classification. Examples: ``(x, y)`` tuples, or dicts of model inputs with ``labels``.
+
+    Works for a plain ``nn.Module`` (called as ``model(x)``) and for transformers sequence classifiers
+    (called as ``model(**inputs)``). The train loss of an example is its cross-entropy (one "token").
+    """
+
+    tokenizer: Any = None
+
+    def collate(self, examples):
+        if not examples:
+            raise InfkitError("empty batch: the data has no examples")
+        first = examples[0]
+        if isinstance(first, Mapping):
+            if "labels" not in first:
+                raise InfkitError("Classification examples given as dicts need a 'labels' entry")
+            keys = list(first.keys())
+            batch = {k: _stack([ex[k] for ex in examples], key=k) for k in keys}
+            batch["labels"] = batch["labels"].long().reshape(-1)
+            return batch
+        if isinstance(first, (tuple, list)) and len(first) == 2:
+            xs = torch.stack([torch.as_tensor(ex[0]) for ex in examples])
+            ys = torch.as_tensor([int(ex[1]) for ex in examples], dtype=torch.long)
+            return {"x": xs, "labels": ys}
+        raise InfkitError(
+            f"Classification cannot read an example of type {type(first).__name__}; give (x, y) tuples or "
+            "dicts of model inputs with 'labels'"
+        )
+
+    def forward(self, model, batch):
+        if "x" in batch:
+            return _logits_of(model(batch["x"]))
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return _logits_of(model(**inputs))
+
+    def train_loss(self, model, batch, sample=None):
+        logits = self.forward(model, batch)
+        labels = batch["labels"] if sample is None else _sample_labels(logits, sample)
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+    def token_mask(self, batch):
+        return batch.get("attention_mask")
+
+    def tokens(self, batch, index):
+        if "input_ids" not in batch:
+            return super().tokens(batch, index)
+        return _tokens_of(batch, index, self.tokenizer)
+
+    def output_hessian_root(self, model, batch):
+        logits = self.forward(model, batch)
+        return logits.unsqueeze(1), _softmax_hessian_root(logits).unsqueeze(1)
+
+
+@dataclass
+class CausalLM(Task):
+    """Next-token prediction. Train loss = sum of token NLL over labelled tokens; measurement = the same loss,
+    so a prompt/completion query measures the completion only.
+
+    Examples (one of):
+      * dict with ``input_ids`` (and optionally ``attention_mask``, ``labels`` with -100 for unscored tokens);
+      * dict with ``prompt`` and ``completion`` strings (needs ``tokenizer``): only the completion is labelled;
+      * a string (needs ``tokenizer``): every token is labelled.
+    Batches are right-padded with ``pad_token_id`` and get an attention mask.
+    """
+
+    tokenizer: Any = None
+    pad_token_id: int | None = None
+    max_length: int | None = None
+
+    def _pad_id(self) -> int:
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        tok = self.tokenizer
+        if tok is not None:
+            for attr in ("pad_token_id", "eos_token_id"):
+                if getattr(tok, attr, None) is not None:
+                    return int(getattr(tok, attr))
+        return 0
+
+    def _encode(self, example) -> dict[str, torch.Tensor]:
+        if isinstance(example, str):
+            ids = self._tokenize(example)
+            return {"input_ids": ids, "labels": ids.clone()}
+        if isinstance(example, Mapping) and "prompt" in example and "completion" in example:
+            prompt = self._tokenize(example["prompt"])
+            completion = self._tokenize(example["completion"])
+            if completion.numel() == 0:
+                raise InfkitError(
+                    f"the completion {example['completion']!r} is empty after tokenization; a prompt/completion "
+                    "query measures the completion's loss, so give a non-empty completion"
+                )
+            ids = torch.cat([prompt, completion])
+            labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), completion])
+            return {"input_ids": ids, "labels": labels}
+        if isinstance(example, Mapping) and "input_ids" in example:
+            ids = torch.as_tensor(example["input_ids"], dtype=torch.long).reshape(-1)
+            out = {"input_ids": ids}
+            if "attention_mask" in example and example["attention_mask"] is not None:
+                out["attention_mask"] = torch.as_tensor(example["attention_mask"], dtype=torch.long).reshape(-1)
+            elif self.pad_token_id is not None and ids.numel() > 1 and bool(ids[-1] == self.pad_token_id):
+                raise InfkitError(
+                    f"an example's input_ids end in the pad token ({self.pad_token_id}) but it has no "
+                    "attention_mask: padded positions would be scored as text. Pass 'attention_mask' "
+                    "(1 for real tokens, 0 for padding) or give unpadded input_ids and let the task pad"
+                )
+            labels = example.get("labels")
+            out["labels"] = ids.clone() if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+            if "attention_mask" in out:
+                out["labels"] = out["labels"].masked_fill(out["attention_mask"] == 0, IGNORE_INDEX)
+            return out
+        raise InfkitError(
+            f"CausalLM cannot read an example of type {type(example).__name__}; give dicts with input_ids, "
+            "dicts with prompt/completion strings, or strings (the last two need tokenizer=...)"
+        )
+
+    def _tokenize(self, text: str) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise InfkitError("text examples need a tokenizer: tasks.CausalLM(tokenizer=...)")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+
+    def collate(self, examples):
+        if not examples:
+            raise InfkitError("empty batch: the data has no examples")
+        encoded = [self._encode(ex) for ex in examples]
+        if self.max_length is not None:
+            encoded = [{k: v[: self.max_length] for k, v in e.items()} for e in encoded]
+        length = max(e["input_ids"].numel() for e in encoded)
+        pad = self._pad_id()
+        batch_size = len(encoded)
+        input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
+        attention = torch.zeros((batch_size, length), dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        for row, e in enumerate(encoded):
+            n = e["input_ids"].numel()
+            input_ids[row, :n] = e["input_ids"]
+            attention[row, :n] = e.get("attention_mask", torch.ones(n, dtype=torch.long))
+            labels[row, :n] = e["labels"]
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+    def forward(self, model, batch):
+        return _logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+
+    def _shifted(self, model, batch):
+        logits = self.forward(model, batch)[:, :-1]
+        targets = batch["labels"][:, 1:]
+        return logits, targets
+
+    def train_loss(self, model, batch, sample=None):
+        logits, targets = self._shifted(model, batch)
+        valid = targets != IGNORE_INDEX
+        if sample is not None:
+            targets = _sample_labels(logits, sample)
+        token_nll = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.clamp(min=0).reshape(-1), reduction="none"
+        ).reshape(targets.shape)
+        return (token_nll * valid).sum(dim=1)
+
+    def token_mask(self, batch):
+        return batch["attention_mask"]
+
+    def tokens(self, batch, index):
+        return _tokens_of(batch, index, self.tokenizer)
+
+    def output_hessian_root(self, model, batch):
+        logits, targets = self._shifted(model, batch)
+        valid = (targets != IGNORE_INDEX).to(logits.dtype)
+        root = _softmax_hessian_root(logits) * valid[..., None, None]
+        return logits, root
+
+
+def _stack(values: list[Any], key: str) -> torch.Tensor:
+    tensors = [torch.as_tensor(v) for v in values]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise InfkitError(
+            f"examples have different shapes for {key!r} ({sorted(shapes)[:3]}...); pad them to one length "
+            "with an attention_mask, or use a task that pads (tasks.CausalLM)"
+        )
+    return torch.stack(tensors)
+
+
+def _tokens_of(batch, index: int, tokenizer) -> tuple[list[int], list[str] | None]:
+    ids = batch["input_ids"][index]
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        ids = ids[mask[index].bool()]
+    id_list = [int(t) for t in ids]
+    if tokenizer is None:
+        return id_list, None
+    return id_list, [tokenizer.decode([t]) for t in id_list]
