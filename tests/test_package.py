@@ -19,7 +19,8 @@ def test_metadata_lists_runtime_dependencies():
     for needed in ["torch", "transformers", "peft", "diffusers", "ipywidgets", "matplotlib", "safetensors",
                    "tqdm", "numpy", "scikit-learn"]:
         assert needed in names, f"{needed} missing from infkit's dependencies"
-    dev = {re.split(r"[ <>=!;\[]", r, maxsplit=1)[0].lower() for r in requires if "extra == 'dev'" in r.replace('"', "'")}
+    dev_requires = [r for r in requires if "extra == 'dev'" in r.replace('"', "'")]
+    dev = {re.split(r"[ <>=!;\[]", r, maxsplit=1)[0].lower() for r in dev_requires}
     assert {"pytest", "nbval", "jupyterlab", "hypothesis", "ruff", "playwright"} <= dev
 
 
