@@ -69,6 +69,8 @@ def _sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Te
     """Draw one label per position from softmax(logits), reproducibly from ``generator`` (on CPU)."""
     probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
     flat = probs.reshape(-1, probs.shape[-1])
+    broken = ~torch.isfinite(flat).all(dim=1)
+    flat[broken] = 1.0  # non-finite logits: draw anything; the loss is non-finite and is reported by example
     drawn = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
     return drawn.to(logits.device)
 
@@ -78,6 +80,11 @@ def _softmax_hessian_root(logits: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(logits.detach(), dim=-1)
     root_p = probs.sqrt()
     return torch.diag_embed(root_p) - probs.unsqueeze(-1) * root_p.unsqueeze(-2)
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Losses of half-precision models in float32; float64 models keep float64."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _logits_of(output: Any) -> torch.Tensor:
@@ -130,7 +137,7 @@ class Classification(Task):
     def train_loss(self, model, batch, sample=None):
         logits = self.forward(model, batch)
         labels = batch["labels"] if sample is None else _sample_labels(logits, sample)
-        return F.cross_entropy(logits.float(), labels, reduction="none")
+        return F.cross_entropy(_at_least_float32(logits), labels, reduction="none")
 
     def token_mask(self, batch):
         return batch.get("attention_mask")
@@ -246,7 +253,7 @@ class CausalLM(Task):
         if sample is not None:
             targets = _sample_labels(logits, sample)
         token_nll = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.clamp(min=0).reshape(-1), reduction="none"
+            _at_least_float32(logits).reshape(-1, logits.shape[-1]), targets.clamp(min=0).reshape(-1), reduction="none"
         ).reshape(targets.shape)
         return (token_nll * valid).sum(dim=1)
 

@@ -1,0 +1,98 @@
+"""Bad input gets an InfkitError that names the problem and the fix."""
+
+import pytest
+import torch
+from helpers import digits_mlp, structured_sequences, tiny_gpt2
+from torch import nn
+
+from infkit import Analysis, InfkitError, tasks
+
+
+def mlp_analysis(**kwargs):
+    model, train, _ = digits_mlp()
+    kwargs.setdefault("progress", False)
+    return Analysis(model, tasks.Classification(), kwargs.pop("train", train), **kwargs)
+
+
+def test_model_without_trackable_layers():
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten())
+    with pytest.raises(InfkitError, match="no trackable layer.*Linear.*Unfreeze"):
+        Analysis(model, tasks.Classification(), [(torch.zeros(1, 5), 0)])
+
+
+def test_frozen_model_is_reported_with_the_count_of_frozen_layers():
+    model = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(InfkitError, match="1 supported modules were frozen"):
+        Analysis(model, tasks.Classification(), [(torch.zeros(3), 0)])
+
+
+def test_modules_pattern_that_matches_nothing():
+    with pytest.raises(InfkitError, match=r"no trackable layer matching \['decoder\.\*'\]"):
+        mlp_analysis(modules="decoder.*")
+
+
+def test_unknown_estimator_lists_the_valid_ones():
+    with pytest.raises(InfkitError, match="unknown estimator 'ekfca'; choose one of: .*ekfac.*exact.*identity.*kfac"):
+        mlp_analysis(estimator="ekfca")
+
+
+def test_scores_before_fit():
+    an = mlp_analysis()
+    with pytest.raises(InfkitError, match=r"call an\.fit\(\) first"):
+        an.scores(digits_mlp()[2])
+    with pytest.raises(InfkitError, match=r"call an\.fit\(\) first"):
+        an.self_influence()
+
+
+def test_empty_train_data():
+    with pytest.raises(InfkitError, match="train data is empty"):
+        mlp_analysis(train=[])
+
+
+def test_empty_query_data():
+    an = mlp_analysis(estimator="identity")
+    with pytest.raises(InfkitError, match="query data is empty"):
+        an.scores([])
+
+
+def test_nan_loss_names_the_example():
+    model, train, _ = digits_mlp()
+    broken = list(train)
+    broken[37] = (torch.full_like(train[37][0], float("nan")), train[37][1])
+    an = mlp_analysis(train=broken, estimator="kfac", batch_size=16)
+    with pytest.raises(InfkitError, match="train example 37 is nan"):
+        an.fit()
+
+
+def test_padding_without_attention_mask():
+    task = tasks.CausalLM(pad_token_id=0)
+    padded = {"input_ids": torch.tensor([5, 6, 7, 0, 0])}
+    an = Analysis(tiny_gpt2(), task, [padded], estimator="identity", progress=False)
+    with pytest.raises(InfkitError, match="no attention_mask.*Pass 'attention_mask'"):
+        an.scores(structured_sequences(1, 24, 5, seed=0))
+
+
+def test_exact_refuses_large_models_with_the_size():
+    model = nn.Sequential(nn.Linear(200, 200), nn.Linear(200, 10))
+    with pytest.raises(InfkitError, match="42210 x 42210 .*above its limit of 20000"):
+        Analysis(model, tasks.Classification(), [(torch.zeros(200), 0)], estimator="exact")
+
+
+def test_unknown_fisher_and_bad_damping():
+    with pytest.raises(InfkitError, match="fisher='true'"):
+        mlp_analysis(fisher="true")
+    an = mlp_analysis(estimator="kfac", damping=-1.0)
+    with pytest.raises(InfkitError, match="damping .* must be a number >= 0"):
+        an.fit()
+
+
+def test_empty_completion():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "the": 1, "capital": 2}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]")
+    with pytest.raises(InfkitError, match="completion '' is empty"):
+        tasks.CausalLM(tokenizer=tokenizer).collate([{"prompt": "the capital", "completion": ""}])
