@@ -123,8 +123,8 @@ class Analysis:
         """Pairwise scores of every query against every train example, split by layer."""
         self._require_fit("scores()")
         start = time.perf_counter()
-        preconditioned = self.preconditioned_queries(query_data)
-        per_layer = self._score_train(preconditioned)
+        query_grads = self.query_gradients(query_data)
+        per_layer = self._score_train(self.estimator.query_side(query_grads))
         total = torch.stack(list(per_layer.values())).sum(dim=0)
         self.timings["scores"] = time.perf_counter() - start
         self._last_result = InfluenceResult(
@@ -134,18 +134,19 @@ class Analysis:
             damping=dict(self.estimator.damping_used),
             info={"fisher": self.fisher, "seconds": self.timings["scores"]},
             _analysis=self,
-            _preconditioned=preconditioned,
+            _query_grads=query_grads,
         )
         return self._last_result
 
-    def _score_train(self, preconditioned: Grads) -> dict[str, torch.Tensor]:
-        n_query = next(iter(preconditioned.values())).shape[0]
+    def _score_train(self, query_side: Grads) -> dict[str, torch.Tensor]:
+        """Σ_layers ⟨query side, train side⟩ for every train example, streamed batch by batch."""
+        n_query = next(iter(query_side.values())).shape[0]
         per_layer = {name: torch.zeros(n_query, self.n_train) for name in self.layers}
         for cb in self._passes(self.train_data, "train").iterate("true", desc="scoring train data"):
-            for name in self.layers:
-                train_grads = cb.grads(name)
-                v = preconditioned[name].to(train_grads.dtype)
-                per_layer[name][:, cb.indices] = (v.flatten(1) @ train_grads.flatten(1).T).cpu().to(torch.float32)
+            train_side = self.estimator.train_side({name: cb.grads(name) for name in self.layers})
+            for name, t in train_side.items():
+                q = query_side[name].to(t.dtype)
+                per_layer[name][:, cb.indices] = (q.flatten(1) @ t.flatten(1).T).cpu().to(torch.float32)
         return per_layer
 
     def self_influence(self) -> torch.Tensor:
@@ -154,8 +155,8 @@ class Analysis:
         values = torch.zeros(self.n_train)
         for cb in self._passes(self.train_data, "train").iterate("true", desc="self-influence"):
             grads = {name: cb.grads(name) for name in self.layers}
-            preconditioned = self.estimator.precondition(grads)
-            total = sum((preconditioned[n].flatten(1) * grads[n].flatten(1)).sum(dim=1) for n in self.layers)
+            query_side, train_side = self.estimator.query_side(grads), self.estimator.train_side(grads)
+            total = sum((query_side[n].flatten(1) * train_side[n].flatten(1)).sum(dim=1) for n in self.layers)
             values[cb.indices] = total.cpu().to(torch.float32)
         return values
 
@@ -163,21 +164,21 @@ class Analysis:
         """Per-token contributions s_tᵀ Ṽ_q a_t of train example i to query q of ``result`` (default: the last
         ``scores()`` call's). They sum, with the per-layer split, to ``result.scores[q, i]``."""
         result = result if result is not None else self._last_result
-        if result is None or result._preconditioned is None:
+        if result is None or result._query_grads is None:
             raise InfkitError("token_scores(q, i) needs a result: call an.scores(queries) first")
         if not 0 <= q < result.n_query:
             raise InfkitError(f"query index {q} is out of range for {result.n_query} queries")
         if not 0 <= i < self.n_train:
             raise InfkitError(f"train index {i} is out of range for {self.n_train} train examples")
-        passes = self._passes(self.train_data, "train")
-        cb = passes.capture([i], "true")
+        preconditioned = self.estimator.precondition({n: g[q : q + 1] for n, g in result._query_grads.items()})
+        cb = self._passes(self.train_data, "train").capture([i], "true")
         mask = self.task.token_mask(cb.batch)
         positions = int(mask[0].sum()) if mask is not None else None
         per_layer: dict[str, torch.Tensor] = {}
         unassigned = 0.0
         for name in self.layers:
             a, s = cb.activations[name][0], cb.output_grads[name][0]  # [T, d_in], [T, d_out]
-            v = result._preconditioned[name][q].to(a.dtype)
+            v = preconditioned[name][0].to(a.dtype)
             per_token = torch.einsum("to,oi,ti->t", s, v, a)
             if positions is not None and per_token.shape[0] == mask.shape[1]:
                 per_layer[name] = per_token[mask[0].bool()].cpu()

@@ -75,7 +75,7 @@ class InfluenceResult:
     train_indices: list[int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     _analysis: Any = field(default=None, repr=False)
-    _preconditioned: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # Ṽ [n_query, d_out, d_in]
+    _query_grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # ∇f [n_query, d_out, d_in]
 
     @property
     def n_query(self) -> int:

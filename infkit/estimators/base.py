@@ -58,6 +58,15 @@ class Estimator:
         """(G + λI)⁻¹ applied to each query gradient; same dict layout in and out."""
         raise NotImplementedError
 
+    # A score is Σ_layers ⟨query_side(∇f), train_side(∇L)⟩. By default the query side is preconditioned and the
+    # train side is the raw gradient; an estimator whose preconditioning is cheaper on the train side (EK-FAC:
+    # rotate once, divide by Λ + λ, cache) overrides both. The train side is what the train cache stores.
+    def query_side(self, grads: Grads) -> Grads:
+        return self.precondition(grads)
+
+    def train_side(self, grads: Grads) -> Grads:
+        return grads
+
     def resolve_damping(self, name: str, heuristic: float) -> float:
         """The λ of one layer: the user's float or dict entry, else the estimator's heuristic."""
         if isinstance(self.damping, dict):

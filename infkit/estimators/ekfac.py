@@ -81,6 +81,18 @@ class KroneckerEigenbasis(Estimator):
             out[name] = self.unrotate(name, self.rotate(name, v64) / denom).to(v.dtype)
         return out
 
+    # Scores in the eigenbasis: ⟨Q_Sᵀ Vq Q_A, (Q_Sᵀ ΣW Q_A) ⊘ (Λ + λ)⟩ = ⟨Vq, (G + λI)⁻¹ ΣW⟩, since the rotation is
+    # orthogonal. The train side (rotated, divided) is computed once and cached; a query only needs rotating.
+    def query_side(self, grads: Grads) -> Grads:
+        return {name: self.rotate(name, v.double()).to(v.dtype) for name, v in grads.items()}
+
+    def train_side(self, grads: Grads) -> Grads:
+        out = {}
+        for name, g in grads.items():
+            denom = self.eigenvalues[name] + self.damping_used[name]
+            out[name] = (self.rotate(name, g.double()) / denom).to(g.dtype)
+        return out
+
     def state(self):
         tensors = {}
         for name in self.layers:
