@@ -12,17 +12,23 @@ gradients (data labels), layer by layer, so per-layer scores and their sum come 
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from infkit.capture import find_layers
+from infkit import persist
+from infkit.cache import Cache
+from infkit.capture import active_adapters, find_layers
 from infkit.errors import InfkitError
 from infkit.estimators import make_estimator
 from infkit.estimators.base import Damping, Grads
-from infkit.passes import DataPasses, data_length
+from infkit.passes import DataPasses, data_length, model_device
+from infkit.plan import Plan, build_cache, default_memory_budget, make_plan, resolve_cache_dtype, score_against_cache
 from infkit.result import InfluenceResult, TokenScores
+from infkit.scores import low_rank_queries, score_low_rank
 from infkit.tasks import Task
 
 FISHER_KINDS = ("sampled", "empirical")
@@ -41,7 +47,14 @@ class Analysis:
         seed: seeds the sampled Fisher labels, so the same seed gives the same scores.
         fisher: "sampled" (labels drawn from the model, the true Fisher) or "empirical" (the data's labels).
         modules: glob pattern(s) of module names to track; default every Linear/Conv1D with a trainable weight.
-        progress: show tqdm progress bars.
+        progress: show tqdm progress bars (and the plan at the start of ``fit()``).
+        cache: keep the train side (every train example's gradient, in the estimator's cheapest form) on the
+            model's device after ``fit()``, so each query costs one backward plus matrix products. When it would
+            exceed ``memory_budget`` the train data is streamed again in batches for every ``scores()`` call
+            instead (exact, but one pass over the train data per call).
+        cache_dtype: "float32" (default) or "bfloat16" for the cached train side (half the bytes, ~3 significant
+            digits per entry).
+        memory_budget: bytes the train-side cache may take; default a quarter of the device's memory.
         estimator_options: passed to the estimator (e.g. ``block_diagonal=True`` for "exact").
     """
 
@@ -57,6 +70,9 @@ class Analysis:
         fisher: str = "sampled",
         modules: str | list[str] | None = None,
         progress: bool = True,
+        cache: bool = True,
+        cache_dtype: str | torch.dtype = "float32",
+        memory_budget: int | None = None,
         **estimator_options: Any,
     ):
         if fisher not in FISHER_KINDS:
@@ -68,18 +84,30 @@ class Analysis:
         self.model, self.task, self.train_data = model, task, train_data
         self.batch_size, self.seed, self.fisher, self.progress = batch_size, seed, fisher, progress
         self.layers = find_layers(model, modules)
+        self.adapters = active_adapters(model)  # the peft adapter(s) whose modules are tracked; [] without peft
         if data_length(train_data) == 0:
             raise InfkitError("the train data is empty: influence needs at least one training example")
+        self.estimator_options = dict(estimator_options)
         self.estimator = make_estimator(estimator, self.layers, damping, estimator_options)
         self.fitted = False
         self.timings: dict[str, float] = {}
         self._last_result: InfluenceResult | None = None
+        self.use_cache = cache
+        self.cache_dtype = resolve_cache_dtype(cache_dtype)
+        self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
+        self.cache: Cache | None = None
+        self._train_passes = self._passes(train_data, "train")
+        self._self_influence: torch.Tensor | None = None
 
     # -- passes -------------------------------------------------------------------------------------------
     def _passes(self, data: Any, what: str) -> DataPasses:
         return DataPasses(
             self.model, self.task, data, self.layers, self.batch_size, self.seed, self.fisher, self.progress, what
         )
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
 
     @property
     def n_train(self) -> int:
@@ -89,14 +117,44 @@ class Analysis:
     def n_params(self) -> int:
         return sum(layer.n_params for layer in self.layers.values())
 
+    def plan(self) -> Plan:
+        """What ``fit()`` and each query will cost, before any heavy work: bytes and passes over the data."""
+        return make_plan(self)
+
     def fit(self) -> Analysis:
-        """Fit the estimator's curvature on the train data (once; calling again does nothing)."""
-        if not self.fitted:
-            start = time.perf_counter()
-            self.estimator.fit(self._passes(self.train_data, "train"))
-            self.timings["fit"] = time.perf_counter() - start
-            self.fitted = True
+        """Fit the estimator's curvature on the train data, then cache the train side (once; again: no-op)."""
+        if self.fitted:
+            return self
+        plan = self.plan()
+        if self.progress:
+            print(plan.summary())
+        start = time.perf_counter()
+        self.estimator.fit(self._train_passes)
+        self.timings["fit"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self.cache = build_cache(self, plan)
+        self.timings["cache"] = time.perf_counter() - start
+        self.batch_size = self._train_passes.batch_size  # reduced if a batch ran out of memory
+        self.fitted = True
         return self
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fitted analysis (factors, train-side cache, settings, fingerprints) to a folder, atomically."""
+        return persist.save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model, task: Task, train_data: Any, progress: bool = True) -> Analysis:
+        """Reopen a saved analysis for the same model and train data (checked by fingerprint)."""
+        return persist.load(cls, path, model, task, train_data, progress=progress)
+
+    def restore(self, factors, train_side, damping_used, fingerprint, self_influence=None) -> None:
+        """Install a fitted state (used by ``load``)."""
+        self.estimator.load_state(factors, damping_used)
+        self.cache = Cache(self.device, self.cache_dtype, dict(factors), train_side, fingerprint)
+        if train_side is None:
+            self.cache.fallback = "the save holds no train-side cache: every scores() call streams the train data"
+        self._self_influence = self_influence
+        self.fitted = True
 
     def _require_fit(self, what: str) -> None:
         if not self.fitted:
@@ -119,12 +177,26 @@ class Analysis:
         return self.estimator.precondition(self.query_gradients(query_data))
 
     # -- scores -------------------------------------------------------------------------------------------
-    def scores(self, query_data: Any) -> InfluenceResult:
-        """Pairwise scores of every query against every train example, split by layer."""
+    def scores(self, query_data: Any, query_rank: int | None = None) -> InfluenceResult:
+        """Pairwise scores of every query against every train example, split by layer.
+
+        With the train side cached (the default when it fits the memory budget) this is one forward+backward per
+        query plus a matrix product per layer. ``query_rank=k`` scores rank-k approximations of the
+        preconditioned queries in one streamed pass over the train data instead (query batching; see
+        :mod:`infkit.scores`), for when the train side is not cached.
+        """
         self._require_fit("scores()")
         start = time.perf_counter()
         query_grads = self.query_gradients(query_data)
-        per_layer = self._score_train(self.estimator.query_side(query_grads))
+        if query_rank is not None:
+            if query_rank < 1:
+                raise InfkitError(f"query_rank must be >= 1, got {query_rank}")
+            factors = low_rank_queries(self.estimator.precondition(query_grads), query_rank)
+            per_layer = self._score_train_low_rank(factors)
+        elif self.cache is not None and self.cache.train_side is not None:
+            per_layer = score_against_cache(self.estimator.query_side(query_grads), self.cache.train_side)
+        else:
+            per_layer = self._score_train(self.estimator.query_side(query_grads))
         total = torch.stack(list(per_layer.values())).sum(dim=0)
         self.timings["scores"] = time.perf_counter() - start
         self._last_result = InfluenceResult(
@@ -132,7 +204,7 @@ class Analysis:
             per_layer=per_layer,
             estimator=self.estimator.name,
             damping=dict(self.estimator.damping_used),
-            info={"fisher": self.fisher, "seconds": self.timings["scores"]},
+            info={"fisher": self.fisher, "seconds": self.timings["scores"], "adapters": list(self.adapters)},
             _analysis=self,
             _query_grads=query_grads,
         )
@@ -142,23 +214,35 @@ class Analysis:
         """Σ_layers ⟨query side, train side⟩ for every train example, streamed batch by batch."""
         n_query = next(iter(query_side.values())).shape[0]
         per_layer = {name: torch.zeros(n_query, self.n_train) for name in self.layers}
-        for cb in self._passes(self.train_data, "train").iterate("true", desc="scoring train data"):
+        for cb in self._train_passes.iterate("true", desc="scoring train data"):
             train_side = self.estimator.train_side({name: cb.grads(name) for name in self.layers})
             for name, t in train_side.items():
                 q = query_side[name].to(t.dtype)
                 per_layer[name][:, cb.indices] = (q.flatten(1) @ t.flatten(1).T).cpu().to(torch.float32)
         return per_layer
 
+    def _score_train_low_rank(self, factors) -> dict[str, torch.Tensor]:
+        n_query = next(iter(factors.values()))[1].shape[0]
+        per_layer = {name: torch.zeros(n_query, self.n_train) for name in self.layers}
+        for cb in self._train_passes.iterate("true", desc="scoring train data (low-rank queries)"):
+            for name in self.layers:
+                scores = score_low_rank(factors[name], cb.activations[name], cb.output_grads[name])
+                per_layer[name][:, cb.indices] = scores.cpu().to(torch.float32)
+        return per_layer
+
     def self_influence(self) -> torch.Tensor:
         """∇L(z_i)ᵀ (G + λI)⁻¹ ∇L(z_i) for every train example, [n_train] (>= 0)."""
         self._require_fit("self_influence()")
+        if self._self_influence is not None:
+            return self._self_influence.clone()
         values = torch.zeros(self.n_train)
-        for cb in self._passes(self.train_data, "train").iterate("true", desc="self-influence"):
+        for cb in self._train_passes.iterate("true", desc="self-influence"):
             grads = {name: cb.grads(name) for name in self.layers}
             query_side, train_side = self.estimator.query_side(grads), self.estimator.train_side(grads)
             total = sum((query_side[n].flatten(1) * train_side[n].flatten(1)).sum(dim=1) for n in self.layers)
             values[cb.indices] = total.cpu().to(torch.float32)
-        return values
+        self._self_influence = values
+        return values.clone()
 
     def token_scores(self, q: int, i: int, result: InfluenceResult | None = None) -> TokenScores:
         """Per-token contributions s_tᵀ Ṽ_q a_t of train example i to query q of ``result`` (default: the last
@@ -171,7 +255,7 @@ class Analysis:
         if not 0 <= i < self.n_train:
             raise InfkitError(f"train index {i} is out of range for {self.n_train} train examples")
         preconditioned = self.estimator.precondition({n: g[q : q + 1] for n, g in result._query_grads.items()})
-        cb = self._passes(self.train_data, "train").capture([i], "true")
+        cb = self._train_passes.capture([i], "true")
         mask = self.task.token_mask(cb.batch)
         positions = int(mask[0].sum()) if mask is not None else None
         per_layer: dict[str, torch.Tensor] = {}

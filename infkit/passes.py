@@ -5,14 +5,15 @@ seed. ``iterate(labels)`` runs the model on each batch under :class:`~infkit.cap
 layer inputs a and output gradients s of the chosen objective:
 
 * ``"true"``      the train loss with the data's labels (the train side of a score);
-* ``"sampled"``   the train loss with labels drawn from the model (true Fisher), from a generator seeded by
-                  (seed, batch start) so every pass draws the same labels;
+* ``"sampled"``   the train loss with labels drawn from the model (true Fisher), from generators seeded by
+                  (seed, example index) so every pass draws the same labels;
 * ``"fisher"``    "sampled" or "true", as the analysis' ``fisher=`` setting says;
 * ``"measure"``   the task's measurement (the query side of a score).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ class CapturedBatch:
     def grads(self, name: str) -> torch.Tensor:
         """Per-example gradient ΣW [B, d_out, d_in] of one layer."""
         return per_example_grads(self.activations[name], self.output_grads[name])
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def data_length(data: Any) -> int:
@@ -95,21 +100,28 @@ class DataPasses:
         return self.task.batch_to(batch, self.device)
 
     def batches(self, desc: str | None = None) -> Iterator[list[int]]:
-        starts = range(0, self.n, self.batch_size)
-        bar = tqdm(starts, desc=desc, disable=not self.progress or desc is None, leave=False, unit="batch")
-        for start in bar:
-            yield list(range(start, min(start + self.batch_size, self.n)))
+        """Consecutive index batches; reads ``self.batch_size`` as it goes, so a reduction applies at once."""
+        bar = tqdm(total=self.n, desc=desc, disable=not self.progress or desc is None, leave=False, unit="ex")
+        start = 0
+        with bar:
+            while start < self.n:
+                indices = list(range(start, min(start + self.batch_size, self.n)))
+                yield indices
+                bar.update(len(indices))
+                start += len(indices)
 
-    def generator(self, batch_start: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + batch_start)
+    def generators(self, indices: Sequence[int]) -> list[torch.Generator]:
+        """One generator per example, seeded by (seed, example index): the sampled labels of an example are the
+        same in every pass and whatever the batch size."""
+        return [torch.Generator().manual_seed(self.seed * 1_000_003 + i) for i in indices]
 
-    def objective(self, labels: str, batch: dict[str, Any], batch_start: int) -> torch.Tensor:
+    def objective(self, labels: str, batch: dict[str, Any], indices: Sequence[int]) -> torch.Tensor:
         if labels == "fisher":
             labels = "sampled" if self.fisher == "sampled" else "true"
         if labels == "true":
             return self.task.train_loss(self.model, batch, sample=None)
         if labels == "sampled":
-            return self.task.train_loss(self.model, batch, sample=self.generator(batch_start))
+            return self.task.train_loss(self.model, batch, sample=self.generators(indices))
         if labels == "measure":
             return self.task.measurement(self.model, batch)
         raise ValueError(f"unknown label mode {labels!r}")
@@ -117,7 +129,7 @@ class DataPasses:
     def capture(self, indices: list[int], labels: str) -> CapturedBatch:
         batch = self.collate(indices)
         with eval_mode(self.model), torch.enable_grad(), Capture(self.layers, self.task.token_mask(batch)) as cap:
-            loss = self.objective(labels, batch, indices[0])
+            loss = self.objective(labels, batch, indices)
             self.check_finite(loss, indices)
             s = cap.output_grads(loss)
             a = cap.activations()
@@ -126,7 +138,28 @@ class DataPasses:
 
     def iterate(self, labels: str, desc: str | None = None) -> Iterator[CapturedBatch]:
         for indices in self.batches(desc):
-            yield self.capture(indices, labels)
+            yield from self._capture_or_split(indices, labels)
+
+    def _capture_or_split(self, indices: list[int], labels: str) -> Iterator[CapturedBatch]:
+        """Capture a batch; when it runs out of memory, halve the batch size (for good) and retry in halves."""
+        try:
+            captured = self.capture(indices, labels)
+        except RuntimeError as err:
+            if not is_out_of_memory(err) or len(indices) == 1:
+                raise
+            half = len(indices) // 2
+            self.batch_size = min(self.batch_size, half)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            warnings.warn(
+                f"a batch of {len(indices)} {self.what} examples ran out of memory; continuing with "
+                f"batch_size={self.batch_size} (pass a smaller batch_size= to skip this retry)",
+                stacklevel=3,
+            )
+            yield from self._capture_or_split(indices[:half], labels)
+            yield from self._capture_or_split(indices[half:], labels)
+            return
+        yield captured
 
     def check_finite(self, loss: torch.Tensor, indices: list[int]) -> None:
         bad = ~torch.isfinite(loss.detach())

@@ -4,8 +4,8 @@ A task turns a list of examples into a batch (``collate``), runs the model (``fo
 losses. infkit's conventions (DESIGN.md §2):
 
 * ``train_loss(model, batch, sample=...)`` returns one loss per example, a **sum** over its tokens, shape [B].
-  With ``sample`` a ``torch.Generator``, the labels are drawn from the model's own predictive distribution
-  (true Fisher); with ``sample=None`` the data's labels are used.
+  With ``sample`` a list of ``torch.Generator`` (one per example), the labels are drawn from the model's own
+  predictive distribution (true Fisher); with ``sample=None`` the data's labels are used.
 * ``measurement(model, batch)`` returns one value per query, shape [B]; its gradient is the query side of a
   score. By default it is the loss of the labelled tokens, so for a prompt/completion pair it measures the
   completion.
@@ -42,7 +42,7 @@ class Task:
     def forward(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
-    def train_loss(self, model, batch, sample: torch.Generator | None = None) -> torch.Tensor:
+    def train_loss(self, model, batch, sample: Sequence[torch.Generator] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def measurement(self, model, batch) -> torch.Tensor:
@@ -65,14 +65,15 @@ class Task:
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Draw one label per position from softmax(logits), reproducibly from ``generator`` (on CPU)."""
+def _sample_labels(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Draw one label per position from softmax(logits), example b from ``generators[b]`` (CPU generators), so an
+    example's labels do not depend on which batch it is in."""
     probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
-    flat = probs.reshape(-1, probs.shape[-1])
-    broken = ~torch.isfinite(flat).all(dim=1)
+    flat = probs.reshape(probs.shape[0], -1, probs.shape[-1])
+    broken = ~torch.isfinite(flat).all(dim=-1)
     flat[broken] = 1.0  # non-finite logits: draw anything; the loss is non-finite and is reported by example
-    drawn = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
-    return drawn.to(logits.device)
+    drawn = torch.stack([torch.multinomial(flat[b], 1, generator=g)[:, 0] for b, g in enumerate(generators)])
+    return drawn.reshape(probs.shape[:-1]).to(logits.device)
 
 
 def _softmax_hessian_root(logits: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,8 @@ class Estimator:
     name = "base"
     #: False for estimators that need no pass over the data before scoring (gradient dot product).
     needs_fit = True
+    #: Passes over the train data that ``fit`` makes (stated by ``Analysis.plan()``).
+    fit_passes = 1
 
     def __init__(self, layers: dict[str, Layer], damping: Damping = None):
         self.layers = layers
@@ -80,6 +82,14 @@ class Estimator:
         self.damping_used[name] = float(value)
         return float(value)
 
+    def planned_factor_bytes(self, n_train: int) -> int:
+        """Bytes the fitted state will take, estimated before fitting (for ``Analysis.plan()``)."""
+        return 0
+
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors that define the fitted estimator (for caches and saving)."""
         return {}
+
+    def load_state(self, state: dict[str, torch.Tensor], damping_used: dict[str, float]) -> None:
+        """Restore a fitted estimator from ``state()`` and the damping it used (``Analysis.load``)."""
+        raise InfkitError(f"the {self.name!r} estimator cannot be restored from a save; fit it again")

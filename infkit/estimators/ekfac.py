@@ -60,6 +60,10 @@ class KroneckerEigenbasis(Estimator):
             self.eigvals_a[name], self.eigvecs_a[name] = torch.linalg.eigh(self.activation_cov[name])
             self.eigvals_s[name], self.eigvecs_s[name] = torch.linalg.eigh(self.gradient_cov[name])
 
+    def planned_factor_bytes(self, n_train: int) -> int:
+        # float64: A, S, their eigenvectors, their eigenvalues, and Λ
+        return 8 * sum(2 * (l.d_in**2 + l.d_out**2) + l.d_in + l.d_out + l.d_in * l.d_out for l in self.layers.values())
+
     def rotate(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         """Q_Sᵀ V Q_A for a stack of gradients V [Q, d_out, d_in]."""
         q_s, q_a = self.eigvecs_s[name], self.eigvecs_a[name]
@@ -101,9 +105,17 @@ class KroneckerEigenbasis(Estimator):
             tensors[f"{name}/eigenvalues"] = self.eigenvalues[name]
         return tensors
 
+    def load_state(self, state, damping_used) -> None:
+        for name in self.layers:
+            self.eigvecs_a[name] = state[f"{name}/eigvecs_a"]
+            self.eigvecs_s[name] = state[f"{name}/eigvecs_s"]
+            self.eigenvalues[name] = state[f"{name}/eigenvalues"]
+        self.damping_used = dict(damping_used)
+
 
 @register("ekfac")
 class EKFAC(KroneckerEigenbasis):
+    fit_passes = 2
     def fit(self, passes) -> None:
         self.fit_kronecker_factors(passes)
         sums = {n: 0.0 for n in self.layers}

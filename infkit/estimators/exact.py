@@ -44,6 +44,9 @@ class Exact(Estimator):
         self.curvature: torch.Tensor | None = None  # G [P, P] float64
         self._factor: torch.Tensor | None = None  # Cholesky factor of G + diag(λ)
 
+    def planned_factor_bytes(self, n_train: int) -> int:
+        return 2 * 8 * self.n_params**2  # G and its Cholesky factor, float64
+
     def flatten(self, grads: Grads) -> torch.Tensor:
         return torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name in self.layers], dim=1)
 
@@ -96,8 +99,13 @@ class Exact(Estimator):
 
     def _set_damping(self) -> None:
         heuristic = 0.1 * float(torch.diagonal(self.curvature).mean())
+        for name in self.layers:
+            self.resolve_damping(name, heuristic)
+        self._factorize()
+
+    def _factorize(self) -> None:
         diagonal = torch.cat(
-            [torch.full((layer.n_params,), self.resolve_damping(name, heuristic), dtype=torch.float64)
+            [torch.full((layer.n_params,), self.damping_used[name], dtype=torch.float64)
              for name, layer in self.layers.items()]
         ).to(self.curvature.device)
         factor, info = torch.linalg.cholesky_ex(self.curvature + torch.diag(diagonal))
@@ -115,3 +123,8 @@ class Exact(Estimator):
 
     def state(self):
         return {"curvature": self.curvature}
+
+    def load_state(self, state, damping_used) -> None:
+        self.curvature = state["curvature"]
+        self.damping_used = dict(damping_used)
+        self._factorize()

@@ -13,9 +13,13 @@ from infkit.estimators.base import Estimator, Grads, register
 @register("identity")
 class Identity(Estimator):
     needs_fit = False
+    fit_passes = 0
 
     def fit(self, passes) -> None:
         self.damping_used = {name: 0.0 for name in self.layers}
 
     def precondition(self, grads: Grads) -> Grads:
         return dict(grads)
+
+    def load_state(self, state, damping_used) -> None:
+        self.damping_used = dict(damping_used)
