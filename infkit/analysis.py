@@ -26,7 +26,15 @@ from infkit.errors import InfkitError
 from infkit.estimators import make_estimator
 from infkit.estimators.base import Damping, Grads
 from infkit.passes import DataPasses, data_length, model_device
-from infkit.plan import Plan, build_cache, default_memory_budget, make_plan, resolve_cache_dtype, score_against_cache
+from infkit.plan import (
+    Plan,
+    allocate_train_store,
+    build_cache,
+    default_memory_budget,
+    make_plan,
+    resolve_cache_dtype,
+    score_against_cache,
+)
 from infkit.result import InfluenceResult, TokenScores
 from infkit.scores import low_rank_queries, score_low_rank
 from infkit.tasks import Task
@@ -129,6 +137,8 @@ class Analysis:
         if self.progress:
             print(plan.summary())
         start = time.perf_counter()
+        if plan.cache_train and self.estimator.fuses_train_side(self.fisher):
+            self.estimator.train_store = allocate_train_store(self)
         self.estimator.fit(self._train_passes)
         self.timings["fit"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -215,7 +225,7 @@ class Analysis:
         n_query = next(iter(query_side.values())).shape[0]
         per_layer = {name: torch.zeros(n_query, self.n_train) for name in self.layers}
         for cb in self._train_passes.iterate("true", desc="scoring train data"):
-            train_side = self.estimator.train_side({name: cb.grads(name) for name in self.layers})
+            train_side = self.estimator.train_side_batch(cb)
             for name, t in train_side.items():
                 q = query_side[name].to(t.dtype)
                 per_layer[name][:, cb.indices] = (q.flatten(1) @ t.flatten(1).T).cpu().to(torch.float32)

@@ -43,6 +43,7 @@ class Plan:
     memory_budget: int
     cache_train: bool
     fit_passes: int
+    cache_passes: int  # 0 when the estimator's fit fills the cache itself
     device: str
 
     @property
@@ -57,7 +58,6 @@ class Plan:
         return "caching disabled (cache=False): every scores() call streams the train data again"
 
     def summary(self) -> str:
-        cache_passes = 1 if self.cache_train else 0
         lines = [
             f"infkit plan: {self.estimator} on {self.n_layers} layers ({self.n_params:,} parameters), "
             f"{self.n_train:,} train examples, device {self.device}",
@@ -65,7 +65,7 @@ class Plan:
         ]
         if self.cache_train:
             lines.append(
-                f"  train-side cache: {format_bytes(self.train_cache_bytes)} ({cache_passes} more pass); "
+                f"  train-side cache: {format_bytes(self.train_cache_bytes)} ({self.cache_passes} more pass(es)); "
                 "each query then costs one backward + matrix products"
             )
         else:
@@ -91,6 +91,7 @@ def make_plan(analysis) -> Plan:
         memory_budget=analysis.memory_budget,
         cache_train=analysis.use_cache and train_bytes <= analysis.memory_budget,
         fit_passes=est.fit_passes,
+        cache_passes=0 if est.fuses_train_side(analysis.fisher) else 1,
         device=str(analysis.device),
     )
 
@@ -106,18 +107,23 @@ def build_cache(analysis, plan: Plan) -> Cache:
     if not plan.cache_train:
         cache.fallback = plan.fallback
         return cache
-    n = analysis.n_train
-    stored = {
-        name: torch.empty(n, layer.d_out, layer.d_in, dtype=cache.dtype, device=cache.device)
-        for name, layer in analysis.layers.items()
-    }
+    if est.fused_train_side is not None:  # the estimator's fit already filled it
+        cache.train_side, est.fused_train_side = est.fused_train_side, None
+        return cache
+    stored = allocate_train_store(analysis)
     for cb in analysis._train_passes.iterate("true", desc="caching train gradients"):
-        train_side = est.train_side({name: cb.grads(name) for name in analysis.layers})
         index = torch.as_tensor(cb.indices, device=cache.device)
-        for name, t in train_side.items():
+        for name, t in est.train_side_batch(cb).items():
             stored[name][index] = t.to(cache.dtype)
     cache.train_side = stored
     return cache
+
+
+def allocate_train_store(analysis) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.empty(analysis.n_train, layer.d_out, layer.d_in, dtype=analysis.cache_dtype, device=analysis.device)
+        for name, layer in analysis.layers.items()
+    }
 
 
 def score_against_cache(query_side: dict[str, torch.Tensor], train_side: dict[str, torch.Tensor]):

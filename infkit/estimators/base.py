@@ -52,6 +52,10 @@ class Estimator:
         self.layers = layers
         self.damping = damping
         self.damping_used: dict[str, float] = {}
+        # Set by the analysis before fit when the train side will be cached: {layer: empty [n, d_out, d_in]}.
+        # An estimator whose fit already computes the train side may fill it and hand it back as fused_train_side.
+        self.train_store: dict[str, torch.Tensor] | None = None
+        self.fused_train_side: dict[str, torch.Tensor] | None = None
 
     def fit(self, passes) -> None:  # passes: infkit.passes.DataPasses
         raise NotImplementedError
@@ -68,6 +72,14 @@ class Estimator:
 
     def train_side(self, grads: Grads) -> Grads:
         return grads
+
+    def fuses_train_side(self, fisher: str) -> bool:
+        """Whether ``fit`` can fill ``train_store`` itself (saving the separate caching pass)."""
+        return False
+
+    def train_side_batch(self, cb) -> Grads:
+        """The train side of a captured batch (``infkit.passes.CapturedBatch``); override to skip forming ΣW."""
+        return self.train_side({name: cb.grads(name) for name in self.layers})
 
     def resolve_damping(self, name: str, heuristic: float) -> float:
         """The λ of one layer: the user's float or dict entry, else the estimator's heuristic."""
