@@ -139,12 +139,12 @@ class EKFAC(KroneckerEigenbasis):
         # them (rotated) and divide by Λ + λ afterwards, so fitting and caching are one pass (DESIGN.md §2).
         keep = self.train_store if passes.fisher == "empirical" else None
         for cb in passes.iterate("fisher", desc="ekfac: eigenvalue correction"):
-            index = torch.as_tensor(cb.indices)
+            rows = slice(cb.indices[0], cb.indices[-1] + 1)  # batches are consecutive examples
             for name in self.layers:
                 rotated = self._rotated_grads(cb, name)  # Q_Sᵀ ΣW Q_A per example, in the model's dtype
                 sums[name] = sums[name] + rotated.square().sum(dim=0).double()
                 if keep is not None:
-                    keep[name][index.to(keep[name].device)] = rotated.to(keep[name].dtype)
+                    keep[name][rows] = rotated
         self.eigenvalues = {name: sums[name] / self.n_examples for name in self.layers}
         self.set_damping()
         if keep is not None:
