@@ -187,26 +187,38 @@ class Analysis:
         return self.estimator.precondition(self.query_gradients(query_data))
 
     # -- scores -------------------------------------------------------------------------------------------
-    def scores(self, query_data: Any, query_rank: int | None = None) -> InfluenceResult:
+    def scores(
+        self, query_data: Any, query_rank: int | None = None, train_indices: list[int] | None = None
+    ) -> InfluenceResult:
         """Pairwise scores of every query against every train example, split by layer.
 
         With the train side cached (the default when it fits the memory budget) this is one forward+backward per
         query plus a matrix product per layer. ``query_rank=k`` scores rank-k approximations of the
         preconditioned queries in one streamed pass over the train data instead (query batching; see
         :mod:`infkit.scores`), for when the train side is not cached.
+
+        ``train_indices=[...]`` scores only those train examples (e.g. TF-IDF candidates from
+        :mod:`infkit.retrieval`): the result's columns are those examples in that order (``result.train_indices``;
+        ``top()`` reports train indices). Without a cached train side only they are streamed, so the cost scales
+        with their number; with the cache it saves only the matrix product over the others.
         """
         self._require_fit("scores()")
+        columns = self._check_train_indices(train_indices)
+        passes = self._train_passes if columns is None else self._passes([self.train_data[i] for i in columns], "train")
         start = time.perf_counter()
         query_grads = self.query_gradients(query_data)
         if query_rank is not None:
             if query_rank < 1:
                 raise InfkitError(f"query_rank must be >= 1, got {query_rank}")
             factors = low_rank_queries(self.estimator.precondition(query_grads), query_rank)
-            per_layer = self._score_train_low_rank(factors)
+            per_layer = self._score_train_low_rank(factors, passes)
         elif self.cache is not None and self.cache.train_side is not None:
-            per_layer = score_against_cache(self.estimator.query_side(query_grads), self.cache.train_side)
+            train_side = self.cache.train_side
+            if columns is not None:
+                train_side = {n: t[torch.as_tensor(columns, device=t.device)] for n, t in train_side.items()}
+            per_layer = score_against_cache(self.estimator.query_side(query_grads), train_side)
         else:
-            per_layer = self._score_train(self.estimator.query_side(query_grads))
+            per_layer = self._score_train(self.estimator.query_side(query_grads), passes)
         total = torch.stack(list(per_layer.values())).sum(dim=0)
         self.timings["scores"] = time.perf_counter() - start
         self._last_result = InfluenceResult(
@@ -214,27 +226,41 @@ class Analysis:
             per_layer=per_layer,
             estimator=self.estimator.name,
             damping=dict(self.estimator.damping_used),
+            train_indices=columns,
             info={"fisher": self.fisher, "seconds": self.timings["scores"], "adapters": list(self.adapters)},
             _analysis=self,
             _query_grads=query_grads,
         )
         return self._last_result
 
-    def _score_train(self, query_side: Grads) -> dict[str, torch.Tensor]:
-        """Σ_layers ⟨query side, train side⟩ for every train example, streamed batch by batch."""
+    def _check_train_indices(self, train_indices) -> list[int] | None:
+        if train_indices is None:
+            return None
+        columns = [int(i) for i in train_indices]
+        if not columns:
+            raise InfkitError("train_indices is empty: give at least one train example to score")
+        bad = [i for i in columns if not 0 <= i < self.n_train]
+        if bad:
+            raise InfkitError(f"train_indices {bad[:5]} are out of range for {self.n_train} train examples")
+        return columns
+
+    def _score_train(self, query_side: Grads, passes: DataPasses | None = None) -> dict[str, torch.Tensor]:
+        """Σ_layers ⟨query side, train side⟩ for every train example (of ``passes``), streamed batch by batch."""
+        passes = passes or self._train_passes
         n_query = next(iter(query_side.values())).shape[0]
-        per_layer = {name: torch.zeros(n_query, self.n_train) for name in self.layers}
-        for cb in self._train_passes.iterate("true", desc="scoring train data"):
+        per_layer = {name: torch.zeros(n_query, passes.n) for name in self.layers}
+        for cb in passes.iterate("true", desc="scoring train data"):
             train_side = self.estimator.train_side_batch(cb)
             for name, t in train_side.items():
                 q = query_side[name].to(t.dtype)
                 per_layer[name][:, cb.indices] = (q.flatten(1) @ t.flatten(1).T).cpu().to(torch.float32)
         return per_layer
 
-    def _score_train_low_rank(self, factors) -> dict[str, torch.Tensor]:
+    def _score_train_low_rank(self, factors, passes: DataPasses | None = None) -> dict[str, torch.Tensor]:
+        passes = passes or self._train_passes
         n_query = next(iter(factors.values()))[1].shape[0]
-        per_layer = {name: torch.zeros(n_query, self.n_train) for name in self.layers}
-        for cb in self._train_passes.iterate("true", desc="scoring train data (low-rank queries)"):
+        per_layer = {name: torch.zeros(n_query, passes.n) for name in self.layers}
+        for cb in passes.iterate("true", desc="scoring train data (low-rank queries)"):
             for name in self.layers:
                 scores = score_low_rank(factors[name], cb.activations[name], cb.output_grads[name])
                 per_layer[name][:, cb.indices] = scores.cpu().to(torch.float32)

@@ -10,6 +10,12 @@ Conventions, per tracked layer and example (DESIGN.md §2):
   ΣW = Σ_t s_t a_tᵀ  [d_out, d_in] the example's gradient, laid out as nn.Linear's weight (bias last column)
 A layer without positions (an MLP) has T = 1; a layer called several times per forward stacks its calls along T.
 Padded positions (task.token_mask == 0) are zeroed in both a and s.
+
+nn.Conv2d (the standard K-FAC treatment of convolutions, Grosse & Martens 2016): each spatial output position is a
+"token". a [B, H_out·W_out, C_in·kh·kw (+1)] are the input patches (``F.unfold`` with the module's kernel size,
+dilation and stride, after the module's own padding, whatever its padding_mode), s [B, H_out·W_out, C_out]; the
+weight [C_out, C_in, kh, kw] is laid out as [d_out, d_in] = [C_out, C_in·kh·kw] (C_in major, then kh, kw: unfold's
+order). groups != 1 is refused. Conv layers have no task token mask (their T is the number of positions).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from infkit.errors import InfkitError
@@ -52,24 +59,135 @@ class Layer:
     def gradient_of(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> torch.Tensor:
         """Lay out a module's (.weight, .bias) gradient as [d_out, d_in] like ΣW (used by tests and checks)."""
         w = weight_grad.t() if isinstance(self.module, HFConv1D) else weight_grad
+        if isinstance(self.module, nn.Conv2d):  # [C_out, C_in, kh, kw] -> [C_out, C_in·kh·kw], unfold's order
+            w = w.reshape(w.shape[0], -1)
         return torch.cat([w, bias_grad[:, None]], dim=1) if self.has_bias else w
 
 
+    def input_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's recorded input as [B, T, d_in without the bias column]: conv patches, else positions."""
+        if isinstance(self.module, nn.Conv2d):
+            return _conv_patches(self.module, x, self.name)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def output_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """The module's output (or its gradient) as [B, T, d_out]; a conv's [B, C_out, H, W] -> [B, H·W, C_out]."""
+        if isinstance(self.module, nn.Conv2d):
+            return y.flatten(2).transpose(1, 2)
+        return y.reshape(y.shape[0], -1, y.shape[-1])
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding of a Conv2d, as nn.Conv2d computes it (also for 'same' / 'valid')."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0, 0, 0)
+        pads: list[int] = []
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    ph, pw = module.padding
+    return (pw, pw, ph, ph)
+
+
+def _conv_patches(module: nn.Conv2d, x: torch.Tensor, name: str) -> torch.Tensor:
+    """Input patches of a Conv2d, [B, H_out·W_out, C_in·kh·kw]: padded as the module pads, then unfolded.
+
+    Equal to ``F.unfold(x_padded, kernel_size, dilation, stride=stride).transpose(1, 2)`` (same order: C_in
+    major, then kh, kw), built from kh·kw strided slices, which is several times faster than unfold on CPU.
+    """
+    if x.dim() != 4:
+        raise InfkitError(
+            f"layer {name!r} (nn.Conv2d) was called with a {x.dim()}-d input of shape {tuple(x.shape)}; infkit "
+            "tracks convolutions on batched [B, C, H, W] inputs only"
+        )
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pad = _conv_padding(module)
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    h_out = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    w_out = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    x = x.permute(0, 2, 3, 1)  # [B, H, W, C]
+    parts = [
+        x[:, i * dh : i * dh + sh * (h_out - 1) + 1 : sh, j * dw : j * dw + sw * (w_out - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return torch.stack(parts, dim=-1).reshape(x.shape[0], h_out * w_out, -1)  # [B, L, C·kh·kw]
+
+
 def _supported(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(HFConv1D) and isinstance(module, HFConv1D))
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or (bool(HFConv1D) and isinstance(module, HFConv1D))
+
+
+#: peft's containers of LoRA matrices: ``<wrapped layer>.lora_A.<adapter name>`` is one adapter's A (an nn.Linear).
+LORA_CONTAINERS = ("lora_A", "lora_B")
+
+
+def _adapter_holders(model: nn.Module):
+    """peft modules that hold per-adapter sub-modules (LoRA layers, modules_to_save wrappers), duck-typed: they
+    have ``adapter_layer_names`` and ``active_adapters``."""
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "adapter_layer_names", None), tuple) and hasattr(module, "active_adapters"):
+            yield name, module
+
+
+def _active_of(holder: nn.Module) -> list[str]:
+    if getattr(holder, "disable_adapters", False):
+        return []
+    active = holder.active_adapters
+    return [active] if isinstance(active, str) else list(active)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the peft adapters active in ``model`` (in order of first appearance); [] for a model without."""
+    names: list[str] = []
+    for _, holder in _adapter_holders(model):
+        containers = [getattr(holder, attr, None) for attr in holder.adapter_layer_names]
+        present = {key for c in containers if isinstance(c, (nn.ModuleDict, nn.ParameterDict)) for key in c}
+        names += [a for a in _active_of(holder) if a in present and a not in names]
+    return names
+
+
+def inactive_adapter_modules(model: nn.Module) -> set[int]:
+    """ids of the modules that belong to an adapter that is not active (their forward is never called)."""
+    skip: set[int] = set()
+    for _, holder in _adapter_holders(model):
+        active = _active_of(holder)
+        for attr in holder.adapter_layer_names:
+            container = getattr(holder, attr, None)
+            if isinstance(container, nn.ModuleDict):
+                for key, sub in container.items():
+                    if key not in active:
+                        skip.update(id(m) for m in sub.modules())
+    return skip
+
+
+def is_lora_layer(name: str) -> bool:
+    """Whether a tracked layer name is a peft LoRA matrix (``...lora_A.<adapter>`` / ``...lora_B.<adapter>``)."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] in LORA_CONTAINERS
 
 
 def find_layers(model: nn.Module, modules: str | Iterable[str] | None = None) -> dict[str, Layer]:
     """The tracked layers: supported modules with a trainable weight, optionally filtered by name patterns.
 
     ``modules`` is a glob pattern or a list of them (``fnmatch`` on the module's full name, e.g.
-    ``"*.mlp.*"``); a module is tracked when any pattern matches.
+    ``"*.mlp.*"``); a module is tracked when any pattern matches. With peft adapters, only the active adapter's
+    modules are tracked (LoRA A and B of each wrapped layer, and its ``modules_to_save`` copies); the frozen base
+    weights and inactive adapters are not.
     """
     patterns = [modules] if isinstance(modules, str) else (list(modules) if modules is not None else None)
     layers: dict[str, Layer] = {}
     skipped_frozen = 0
+    inactive = inactive_adapter_modules(model)
     for name, module in model.named_modules():
         if not _supported(module):
+            continue
+        if id(module) in inactive:
+            skipped_frozen += 1
             continue
         if patterns is not None and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
@@ -79,14 +197,23 @@ def find_layers(model: nn.Module, modules: str | Iterable[str] | None = None) ->
         has_bias = module.bias is not None and module.bias.requires_grad
         if isinstance(module, HFConv1D):
             d_in, d_out = module.weight.shape
+        elif isinstance(module, nn.Conv2d):
+            if module.groups != 1:
+                raise InfkitError(
+                    f"module {name!r} is an nn.Conv2d with groups={module.groups}: infkit's Kronecker factors need "
+                    "groups=1 (one input patch per position for all output channels). Exclude it with modules= "
+                    "or freeze its parameters"
+                )
+            d_out, d_in = module.out_channels, module.weight[0].numel()
         else:
             d_out, d_in = module.weight.shape
         layers[name] = Layer(name, module, d_in + int(has_bias), d_out, has_bias)
     if not layers:
         what = f" matching {patterns}" if patterns is not None else ""
         raise InfkitError(
-            f"no trackable layer{what} in {type(model).__name__}: infkit tracks nn.Linear and transformers' "
-            f"Conv1D modules whose weight requires grad ({skipped_frozen} supported modules were frozen). "
+            f"no trackable layer{what} in {type(model).__name__}: infkit tracks nn.Linear, nn.Conv2d and "
+            f"transformers' Conv1D modules whose weight requires grad ({skipped_frozen} supported modules were "
+            "frozen or in an inactive adapter). "
             "Unfreeze the layers to analyse, add a LoRA adapter, or fix the modules= pattern."
         )
     return layers
@@ -98,6 +225,7 @@ class Capture:
     def __init__(self, layers: dict[str, Layer], token_mask: torch.Tensor | None = None):
         self.layers = layers
         self.token_mask = token_mask
+        self._mask_is_full = token_mask is None or bool(token_mask.all())
         self._inputs: dict[str, list[torch.Tensor]] = {}
         self._outputs: dict[str, list[torch.Tensor]] = {}
         self._handles: list = []
@@ -124,7 +252,7 @@ class Capture:
         """[B, ..., d] -> [B, T, d], zeroing padded positions when the layer sees the task's positions."""
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         mask = self.token_mask
-        if mask is not None and x.shape[1] == mask.shape[1]:
+        if mask is not None and x.shape[1] == mask.shape[1] and not self._mask_is_full:
             x = x * mask[:, :, None].to(x.dtype)
         return x
 
@@ -134,7 +262,7 @@ class Capture:
         for name, layer in self.layers.items():
             calls = []
             for x in self._inputs[name]:
-                x = x.reshape(x.shape[0], -1, x.shape[-1])
+                x = layer.input_tokens(x)
                 if layer.has_bias:
                     x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
                 calls.append(self._as_tokens(x))
@@ -147,10 +275,10 @@ class Capture:
         """Number of real (unpadded) positions each layer saw in this batch, over all its calls."""
         mask = self.token_mask
         counts = {}
-        for name in self.layers:
+        for name, layer in self.layers.items():
             total = 0
-            for x in self._inputs[name]:
-                x = x.reshape(x.shape[0], -1, x.shape[-1])
+            for y in self._outputs[name]:
+                x = layer.output_tokens(y.detach())  # positions as the layer's outputs count them (conv: H·W)
                 applies = mask is not None and x.shape[1] == mask.shape[1]
                 total += int(mask.sum()) if applies else x.shape[0] * x.shape[1]
             counts[name] = total
@@ -166,7 +294,7 @@ class Capture:
             calls = []
             for y in self._outputs[name]:
                 g = grads[k] if grads[k] is not None else torch.zeros_like(y)
-                calls.append(self._as_tokens(g.detach()))
+                calls.append(self._as_tokens(self.layers[name].output_tokens(g.detach())))
                 k += 1
             result[name] = torch.cat(calls, dim=1)
         return result
