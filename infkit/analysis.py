@@ -49,7 +49,8 @@ class Analysis:
         model: a torch module (a transformers model, a peft model, a plain nn.Module).
         task: a :class:`infkit.tasks.Task` (``tasks.CausalLM()``, ``tasks.Classification()`` or your own).
         train_data: a list of examples, a torch Dataset or a ``datasets.Dataset``; the task collates them.
-        estimator: "ekfac" (default), "kfac", "identity" (gradient dot product), "exact" (dense, small models).
+        estimator: "ekfac" (default), "kfac", "identity" (gradient dot product), "exact" (dense, small models),
+            "datainf" (LoRA adapters), "lissa" (stochastic recursion). ``infkit.ESTIMATORS`` lists them.
         damping: None for the estimator's heuristic, a float λ for every layer, or {layer name: λ}.
         batch_size: examples per forward/backward pass.
         seed: seeds the sampled Fisher labels, so the same seed gives the same scores.
