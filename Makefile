@@ -1,13 +1,19 @@
-# Two entry points (see README): `make demo` and `make test`. Everything else is set-up.
+# Two entry points (see README): `make demo` and `make test` (and, optionally, `make lab`). Everything else is set-up.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test lint pytest nbval notebooks bench clean
+.PHONY: venv demo lab test lint pytest nbval notebooks bench clean
 
 venv:
 	@bash scripts/setup_venv.sh
 
+# The main job on the embedded demo: trains the demo model on first use (cached in ~/.cache/infkit), then writes
+# one self-contained HTML report.
 demo: venv
+	$(PY) -m infkit report --out build/infkit-report.html
+
+# Optional: the notebooks in JupyterLab.
+lab: venv
 	$(PY) -m jupyterlab --notebook-dir=notebooks
 
 lint: venv

@@ -1,0 +1,394 @@
+"""The demo's models: a small GPT-2 trained on the pretraining corpus, then a LoRA adapter fine-tuned on currencies.
+
+Both are built from configs and trained here (no download): about 20 s for the base model and 6 s for the adapter
+on one CPU core. The trained weights are cached under :func:`cache_root` (``$INFKIT_CACHE_DIR``, else
+``$XDG_CACHE_HOME/infkit``, else ``~/.cache/infkit``) in a folder named by :data:`VERSION`, with a manifest holding
+the corpus fingerprint and a sha256 of every file. A later :func:`load` reads them back in about a second.
+
+A cache that cannot be used — a corrupt or truncated file, a manifest from another version or another corpus, a
+folder that cannot be written — never stops the demo: it retrains and says why (a :class:`DemoCacheWarning`).
+Training is deterministic: seeded, on one thread (which is also the fastest for a model this small).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infkit.demo.corpus import Corpus
+from infkit.demo.corpus import build as build_corpus
+from infkit.demo.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+
+#: Bump whenever the corpus, tokenizer, architecture or training recipe changes: older caches are then retrained.
+VERSION = "1"
+CACHE_ENV = "INFKIT_CACHE_DIR"
+MANIFEST = "manifest.json"
+FILES = ("tokenizer.json", "base.safetensors", "lora.safetensors")
+
+
+class DemoCacheWarning(UserWarning):
+    """The cached demo model could not be used or written; the demo retrained (or keeps the model in memory)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Architecture and training settings of the demo models (part of the cache key through :data:`VERSION`)."""
+
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_inner: int = 256
+    n_positions: int = 32
+    base_epochs: int = 120
+    base_lr: float = 3e-3
+    base_batch: int = 32
+    lora_r: int = 8
+    lora_targets: tuple[str, ...] = ("c_attn", "c_proj")
+    lora_epochs: int = 200
+    lora_lr: float = 1e-2
+    lora_batch: int = 24
+    seed: int = 0
+
+
+@dataclass
+class DemoModels:
+    """What :func:`load` returns: the corpus, tokenizer, base model and LoRA model, and where they came from."""
+
+    corpus: Corpus
+    tokenizer: Any
+    base: torch.nn.Module  # GPT2LMHeadModel, eval mode
+    lora: torch.nn.Module  # peft PeftModel around a copy of the base, adapter "default" active, eval mode
+    recipe: Recipe
+    source: str  # "cache" or "trained"
+    cache_path: Path | None  # where the weights live (None when the cache could not be written)
+    train_info: dict[str, Any] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        where = str(self.cache_path) if self.cache_path else "memory only"
+        return (
+            f"DemoModels(version={VERSION!r}, source={self.source!r}, vocab={len(self.tokenizer)}, "
+            f"pretrain={len(self.corpus.pretrain)}, finetune={len(self.corpus.finetune)}, cache={where!r})"
+        )
+
+
+def cache_root() -> Path:
+    """``$INFKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/infkit``, else ``~/.cache/infkit``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "infkit"
+    return Path.home() / ".cache" / "infkit"
+
+
+def cache_path(root: str | os.PathLike | None = None) -> Path:
+    """The folder of this version's demo weights."""
+    return Path(root).expanduser() if root is not None else cache_root() / f"demo-v{VERSION}"
+
+
+# -- building and training ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """torch on one CPU thread inside the block. The demo's matrices are small: one thread is as fast as two, and
+    it does not collapse when other processes share the cores (two threads fighting for busy cores made the
+    report 25x slower on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers and peft warn about things that are expected here (Conv1D fan_in_fan_out)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def new_base(tokenizer, recipe: Recipe):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=recipe.n_positions, n_embd=recipe.n_embd, n_layer=recipe.n_layer,
+        n_head=recipe.n_head, n_inner=recipe.n_inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=eos, eos_token_id=eos,
+    )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        torch.manual_seed(recipe.seed)
+        return GPT2LMHeadModel(config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def wrap_lora(base, recipe: Recipe):
+    """A peft model around a deep copy of ``base`` (peft wraps in place; the base stays untouched)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=recipe.lora_r, lora_alpha=2 * recipe.lora_r, target_modules=list(recipe.lora_targets), lora_dropout=0.0,
+        fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as [in, out]
+    )
+    with _quiet():
+        torch.manual_seed(recipe.seed + 1)  # LoRA A's initialisation draws from the global generator
+        return get_peft_model(copy.deepcopy(base), config)
+
+
+def encode(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and labels (-100 on padding) for a list of texts."""
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(r)] = torch.tensor(r)
+    return ids, labels
+
+
+def _train(model, tokenizer, texts: list[str], epochs: int, lr: float, batch: int, seed: int,
+           schedule: bool, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    ids, labels = encode(tokenizer, texts)
+    mask = (labels != -100).long()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps_per_epoch = (len(texts) + batch - 1) // batch
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1) if schedule else None
+    g = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model.train()
+    losses = []
+    with single_thread():
+        torch.manual_seed(seed)
+        for epoch in range(epochs):
+            perm = torch.randperm(len(texts), generator=g)
+            epoch_loss = 0.0
+            for s in range(0, len(texts), batch):
+                b = perm[s : s + batch]
+                logits = model(input_ids=ids[b], attention_mask=mask[b]).logits[:, :-1]
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels[b][:, 1:].reshape(-1), ignore_index=-100
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                epoch_loss += float(loss.detach()) * len(b)
+            losses.append(epoch_loss / len(texts))
+            if progress is not None:
+                progress(epoch + 1, epochs)
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return {"epochs": epochs, "final_loss": round(losses[-1], 4), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def train(corpus: Corpus | None = None, recipe: Recipe | None = None,
+          progress: Callable[[str, int, int], None] | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Build the tokenizer, train the base GPT-2 and the LoRA adapter. Returns (tokenizer, base, lora, info)."""
+    corpus = corpus or build_corpus()
+    recipe = recipe or Recipe()
+    tokenizer = build_tokenizer(corpus.pretrain_texts + corpus.finetune_texts)
+    base = new_base(tokenizer, recipe)
+
+    def stage(name):
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    info = {"base": _train(base, tokenizer, corpus.pretrain_texts, recipe.base_epochs, recipe.base_lr,
+                           recipe.base_batch, recipe.seed, True, stage("base GPT-2"))}
+    lora = wrap_lora(base, recipe)
+    info["lora"] = _train(lora, tokenizer, corpus.finetune_texts, recipe.lora_epochs, recipe.lora_lr,
+                          recipe.lora_batch, recipe.seed + 1, False, stage("LoRA adapter"))
+    with single_thread():
+        info["accuracy"] = accuracy(corpus, tokenizer, base, lora)
+    return tokenizer, base, lora, info
+
+
+@torch.no_grad()
+def next_word(model, tokenizer, prompt: str, n: int = 1) -> str:
+    """The model's greedy continuation of ``prompt`` by ``n`` tokens (their text, leading spaces included)."""
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    out = []
+    for _ in range(n):
+        token = int(model(input_ids=ids).logits[0, -1].argmax())
+        out.append(tokenizer.convert_ids_to_tokens(token).replace("▁", " "))
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return "".join(out)
+
+
+def accuracy(corpus: Corpus, tokenizer, base, lora) -> dict[str, str]:
+    """How many facts each model gets right (greedy next word), as "k/n" strings."""
+    def count(model, template, answer):
+        right = sum(next_word(model, tokenizer, template.format(**c.__dict__)) == " " + c.__dict__[answer]
+                    for c in corpus.countries)
+        return f"{right}/{len(corpus.countries)}"
+
+    return {
+        "base: capitals": count(base, "The capital of {country} is", "capital"),
+        "base: capitals, flipped": count(base, "{capital} is the capital of", "country"),
+        "base: birthplaces": count(base, "{person} was born in", "country"),
+        "base: currencies (not taught)": count(base, "The currency of {country} is the", "currency"),
+        "LoRA: currencies": count(lora, "The currency of {country} is the", "currency"),
+        "LoRA: capitals (kept)": count(lora, "The capital of {country} is", "capital"),
+    }
+
+
+# -- the cache ---------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _lora_state(lora) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().clone() for n, p in lora.named_parameters() if p.requires_grad}
+
+
+def save(path: Path, corpus: Corpus, recipe: Recipe, tokenizer, base, lora, info: dict[str, Any]) -> Path:
+    """Write the demo weights to ``path`` atomically (a temporary sibling folder renamed into place)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_tokenizer(tokenizer, tmp / "tokenizer.json")
+        save_file({k: v.detach().contiguous() for k, v in base.state_dict().items() if k != "lm_head.weight"},
+                  str(tmp / "base.safetensors"))
+        save_file(_lora_state(lora), str(tmp / "lora.safetensors"))
+        manifest = {
+            "version": VERSION,
+            "corpus_sha256": corpus.fingerprint(),
+            "recipe": asdict(recipe),
+            "files": {name: _sha256(tmp / name) for name in FILES},
+            "train_info": info,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not (path / MANIFEST).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process saved the same weights meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read(path: Path, corpus: Corpus, recipe: Recipe):
+    """Load cached weights; raise ``ValueError`` saying why they cannot be used."""
+    from safetensors.torch import load_file
+
+    manifest_file = path / MANIFEST
+    if not manifest_file.exists():
+        raise ValueError(f"no {MANIFEST} in {path}")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{manifest_file} is not valid JSON ({err})") from err
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"it was written by demo version {manifest.get('version')!r}, this is version {VERSION!r}")
+    if manifest.get("corpus_sha256") != corpus.fingerprint():
+        raise ValueError("it was trained on another corpus")
+    if manifest.get("recipe") != json.loads(json.dumps(asdict(recipe))):
+        raise ValueError("it was trained with other settings")
+    for name in FILES:
+        file = path / name
+        if not file.exists():
+            raise ValueError(f"{name} is missing")
+        if _sha256(file) != manifest.get("files", {}).get(name):
+            raise ValueError(f"{name} does not match its checksum (corrupt or truncated)")
+    tokenizer = load_tokenizer(path / "tokenizer.json")
+    base = new_base(tokenizer, recipe)
+    state = load_file(str(path / "base.safetensors"))
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise ValueError(f"base.safetensors does not fit the model (missing {missing}, unexpected {unexpected})")
+    base.tie_weights()
+    base.eval()
+    lora = wrap_lora(base, recipe)
+    lora_state = load_file(str(path / "lora.safetensors"))
+    expected = set(_lora_state(lora))
+    if set(lora_state) != expected:
+        raise ValueError("lora.safetensors does not fit the adapter")
+    lora.load_state_dict(lora_state, strict=False)
+    lora.eval()
+    return tokenizer, base, lora, manifest.get("train_info", {})
+
+
+def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verbose: bool = True,
+         progress: Callable[[str, int, int], None] | None = None, recipe: Recipe | None = None) -> DemoModels:
+    """The demo models: from the cache when it holds this version's weights, else trained (and cached).
+
+    Args:
+        cache_dir: the folder for this version's weights; default ``cache_path()`` (``$INFKIT_CACHE_DIR`` ...).
+        retrain: ignore the cache and train again (then overwrite it).
+        verbose: print what happens (loaded / training / saved) to stdout.
+        progress: called as ``progress(stage, done, total)`` during training (for progress bars).
+        recipe: other training settings (e.g. fewer epochs for a quick test); a cache made with other settings is
+            retrained. Default :class:`Recipe`, the demo's.
+
+    A cache that cannot be read or written makes it retrain or keep the model in memory, with a
+    :class:`DemoCacheWarning` saying why.
+    """
+    corpus = build_corpus()
+    recipe = recipe or Recipe()
+    path = cache_path(cache_dir)
+    messages: list[str] = []
+
+    def say(text: str, warn: bool = False) -> None:
+        messages.append(text)
+        if warn:
+            warnings.warn(text, DemoCacheWarning, stacklevel=3)
+        elif verbose:
+            print(text, flush=True)
+
+    if not retrain and path.exists():
+        start = time.perf_counter()
+        try:
+            tokenizer, base, lora, info = read(path, corpus, recipe)
+        except Exception as err:  # noqa: BLE001 - any failure to read means: retrain
+            say(f"infkit demo: the cached model in {path} cannot be used ({err}); retraining it", warn=True)
+        else:
+            say(f"infkit demo: loaded the cached model from {path} in {time.perf_counter() - start:.1f} s")
+            return DemoModels(corpus, tokenizer, base, lora, recipe, "cache", path, info, messages)
+    say(f"infkit demo: training the demo model (GPT-2, {len(corpus.pretrain)} sequences, then LoRA on "
+        f"{len(corpus.finetune)}); about half a minute, once")
+    tokenizer, base, lora, info = train(corpus, recipe, progress)
+    saved: Path | None = None
+    try:
+        saved = save(path, corpus, recipe, tokenizer, base, lora, info)
+    except OSError as err:
+        say(f"infkit demo: cannot write the cache folder {path} ({err.strerror or err}); the trained model is kept "
+            f"in memory only and will be trained again next time. Set {CACHE_ENV} to a writable folder.", warn=True)
+    else:
+        say(f"infkit demo: trained in {info['base']['seconds'] + info['lora']['seconds']:.0f} s and cached in "
+            f"{saved}")
+    return DemoModels(corpus, tokenizer, base, lora, recipe, "trained", saved, info, messages)
