@@ -20,6 +20,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 pytest: venv
+	@bash scripts/ensure_chromium.sh
 	$(PY) -m pytest
 
 nbval: venv
@@ -27,6 +28,7 @@ nbval: venv
 
 test: venv
 	$(VENV)/bin/ruff check .
+	@bash scripts/ensure_chromium.sh
 	$(PY) -m pytest
 	@bash scripts/run_nbval.sh
 

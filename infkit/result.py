@@ -108,6 +108,12 @@ class InfluenceResult:
             raise RuntimeError("this result is not attached to an Analysis")
         return self._analysis.token_scores(q, i, result=self)
 
+    def _repr_html_(self) -> str:
+        """Notebook view: the top 5 proponents and opponents of the first queries, static HTML (survives export)."""
+        from infkit.widgets.static import result_html
+
+        return result_html(self)
+
     def __repr__(self) -> str:
         return (
             f"InfluenceResult(estimator={self.estimator!r}, n_query={self.n_query}, n_train={self.n_train}, "
