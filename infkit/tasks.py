@@ -291,3 +291,6 @@ def _tokens_of(batch, index: int, tokenizer) -> tuple[list[int], list[str] | Non
     if tokenizer is None:
         return id_list, None
     return id_list, [tokenizer.decode([t]) for t in id_list]
+
+
+from infkit.tasks_diffusion import Diffusion  # noqa: E402,F401  (tasks.Diffusion; it subclasses Task above)
