@@ -164,7 +164,7 @@ class Diffusion(Task):
         label = state = None
         if torch.is_tensor(ex):
             image = ex
-        elif isinstance(ex, (tuple, list)) and len(ex) == 2 and torch.is_tensor(ex[0]):
+        elif isinstance(ex, (tuple, list)) and len(ex) == 2:
             image, label = ex
         elif isinstance(ex, Mapping):
             key = next((k for k in IMAGE_KEYS if k in ex), None)

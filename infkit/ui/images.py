@@ -80,10 +80,9 @@ def as_pixels(image: Any, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.
         if image is None:
             raise InfkitError("a dict example for the grid needs an 'image' entry")
     array = image.detach().cpu().float().numpy() if torch.is_tensor(image) else np.asarray(image)
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+    channels_first = torch.is_tensor(image) or (array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4))
+    if array.ndim == 3 and channels_first:  # torch images are [C, H, W]; arrays are [H, W, C] unless clearly not
         array = np.moveaxis(array, 0, -1)
-    elif array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] in (1, 3, 4) and torch.is_tensor(image):
-        array = np.moveaxis(array, 0, -1)  # torch images are channels-first
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     elif array.ndim == 3 and array.shape[-1] != 3:
