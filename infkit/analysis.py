@@ -98,6 +98,7 @@ class Analysis:
             raise InfkitError("the train data is empty: influence needs at least one training example")
         self.estimator_options = dict(estimator_options)
         self.estimator = make_estimator(estimator, self.layers, damping, estimator_options)
+        self.estimator.check_fits(data_length(train_data), fisher)
         self.fitted = False
         self.timings: dict[str, float] = {}
         self._last_result: InfluenceResult | None = None

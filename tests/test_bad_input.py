@@ -76,6 +76,9 @@ def test_exact_refuses_large_models_with_the_size():
     model = nn.Sequential(nn.Linear(200, 200), nn.Linear(200, 10))
     with pytest.raises(InfkitError, match="42210 x 42210 .*above its limit of 20000"):
         Analysis(model, tasks.Classification(), [(torch.zeros(200), 0)], estimator="exact")
+    # with the empirical Fisher and n < P it keeps the n x P gradients instead, which fits
+    an = Analysis(model, tasks.Classification(), [(torch.zeros(200), 0)], estimator="exact", fisher="empirical")
+    assert an.estimator.forms == ["lowrank"]
 
 
 def test_unknown_fisher_and_bad_damping():

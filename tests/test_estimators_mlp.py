@@ -113,6 +113,27 @@ def test_exact_empirical_fisher_equals_gradient_outer_products(reference):
     assert_close(result.scores, expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("modules, forms", [(None, {"lowrank", "dense"}), ("0", {"lowrank"}), ("2", {"dense"})])
+def test_exact_empirical_block_diagonal_equals_per_layer_solves(reference, modules, forms):
+    """160 examples: the 780-parameter first layer goes through Woodbury's identity (n < P), the 130-parameter
+    output layer is dense (n > P); both must equal a dense float64 solve of each layer's own block."""
+    layers, train_grads, query_grads, _ = reference
+    damping = {"0": 1e-3, "2": 1e-2}
+    an = analysis("exact", fisher="empirical", damping=damping, block_diagonal=True, modules=modules)
+    scores = an.fit().scores(digits_mlp()[2]).scores
+    assert set(an.estimator.forms) == forms
+    expected, start = torch.zeros_like(scores, dtype=torch.float64), 0
+    for name, layer in layers.items():
+        cols = slice(start, start + layer.n_params)
+        start += layer.n_params
+        if modules not in (None, name):
+            continue
+        g, q = train_grads[:, cols], query_grads[:, cols]
+        block = g.T @ g / len(g) + damping[name] * torch.eye(layer.n_params, dtype=torch.float64)
+        expected += q @ torch.linalg.solve(block, g.T)
+    assert_close(scores, expected, rel=1e-6)
+
+
 def test_agreement_with_exact_on_the_mlp(report):
     """EK-FAC and K-FAC approximate the GGN; both must beat the gradient dot product."""
     query = digits_mlp()[2]

@@ -94,6 +94,9 @@ class Estimator:
         self.damping_used[name] = float(value)
         return float(value)
 
+    def check_fits(self, n_train: int, fisher: str) -> None:
+        """Refuse early (at ``Analysis`` construction) when the fitted state could not fit; default: no check."""
+
     def planned_factor_bytes(self, n_train: int) -> int:
         """Bytes the fitted state will take, estimated before fitting (for ``Analysis.plan()``)."""
         return 0

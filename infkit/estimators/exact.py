@@ -1,4 +1,4 @@
-"""Exact reference: the dense damped Gauss-Newton matrix over all tracked parameters, solved in float64.
+"""Exact reference: the damped Gauss-Newton matrix over the tracked parameters, solved in float64.
 
 Note:
     With P tracked parameters and per-example gradients flattened layer by layer (each [d_out, d_in] row-major):
@@ -6,12 +6,23 @@ Note:
     * ``fisher="sampled"`` (default): the GGN itself, G = (1/n) Σ_i Σ_t J_tᵀ H_t J_t, H_t = ∂²ℓ/∂z_t² — the
       expectation of the sampled Fisher, computed without sampling. The task gives a root R_t (R_t R_tᵀ = H_t);
       each column of R_t, back-propagated from position t alone, yields one vector J_tᵀ R_t[:, c]; G sums their
-      outer products. Cost: positions × classes backward passes per batch.
-    * ``fisher="empirical"``: G = (1/n) Σ_i g_i g_iᵀ with the data's labels.
+      outer products. Cost: positions × classes backward passes per batch (so not for a large vocabulary).
+    * ``fisher="empirical"``: G = (1/n) Σ_i g_i g_iᵀ = XᵀX with the rows x_i = g_i / √n of X [n, P].
 
-    (G + λI)⁻¹ is applied with a float64 Cholesky factor. λ: a float, a per-layer dict (a diagonal λ), or by
-    default 0.1 · trace(G) / P (a tenth of the mean eigenvalue). ``block_diagonal=True`` keeps only the per-layer
-    blocks, the reference for block-diagonal estimators. Memory P² float64: refused above ``max_params``.
+    ``block_diagonal=True`` keeps only the per-layer blocks (the reference for block-diagonal estimators such as
+    EK-FAC and DataInf); each block is then held and solved on its own. A block is stored in one of two forms:
+
+    * dense: G_b [P_b, P_b] and the Cholesky factor of G_b + D_b (D = diag(λ) per parameter);
+    * low rank, for the empirical Fisher when n < P_b: only X_b [n, P_b], applied through Woodbury's identity
+
+          (D + XᵀX)⁻¹ v = D⁻¹v − D⁻¹Xᵀ (I + X D⁻¹ Xᵀ)⁻¹ X D⁻¹ v,
+
+      which is exact and costs n·P_b memory and one n × n Cholesky factor — this is what makes the exact
+      empirical-Fisher inverse affordable on the hundreds of thousands of parameters of a LoRA adapter.
+
+    λ: a float, a per-layer dict, or by default 0.1 · trace(G) / P (a tenth of the mean eigenvalue).
+    Memory is capped at ``max_params²`` float64 entries in all (Σ P_b² dense, n·P_b low rank), i.e. a dense
+    ``max_params × max_params`` matrix; above it the estimator refuses with the sizes.
 """
 
 from __future__ import annotations
@@ -32,47 +43,92 @@ class Exact(Estimator):
     def __init__(self, layers, damping=None, block_diagonal: bool = False, max_params: int = DEFAULT_MAX_PARAMS):
         super().__init__(layers, damping)
         self.block_diagonal = block_diagonal
+        self.max_params = max_params
         self.n_params = sum(layer.n_params for layer in layers.values())
-        if self.n_params > max_params:
-            sizes = ", ".join(f"{n}: {layer.n_params}" for n, layer in list(layers.items())[:6])
-            raise InfkitError(
-                f"the exact estimator builds a dense {self.n_params} x {self.n_params} float64 matrix "
-                f"({self.n_params**2 * 8 / 2**30:.1f} GiB), above its limit of {max_params} tracked parameters "
-                f"(layers: {sizes}{', ...' if len(layers) > 6 else ''}). Track fewer layers with modules=, use a "
-                "smaller LoRA rank, or raise max_params= if you have the memory"
-            )
-        self.curvature: torch.Tensor | None = None  # G [P, P] float64
-        self._factor: torch.Tensor | None = None  # Cholesky factor of G + diag(λ)
+        names = list(layers)
+        self.blocks: list[list[str]] = [[name] for name in names] if block_diagonal else [names]
+        self.block_sizes = [sum(layers[n].n_params for n in block) for block in self.blocks]
+        self.forms: list[str] = []  # per block: "dense" or "lowrank", set by check_fits / fit
+        self.dense: dict[int, torch.Tensor] = {}  # block -> G_b [P_b, P_b] float64
+        self.rows: dict[int, torch.Tensor] = {}  # block -> X_b [n, P_b] float64, G_b = X_bᵀ X_b
+        self._solvers: dict[int, torch.Tensor] = {}  # block -> Cholesky factor (of G_b + D_b, or of I + X D⁻¹ Xᵀ)
+
+    # -- size --------------------------------------------------------------------------------------------------
+    def check_fits(self, n_train: int, fisher: str) -> None:
+        """Choose each block's form and refuse, naming the sizes, when the float64 curvature would exceed
+        ``max_params²`` entries (called by the analysis at construction, when n and the Fisher are known)."""
+        self.forms = ["lowrank" if fisher == "empirical" and n_train < size else "dense" for size in self.block_sizes]
+        entries = sum(size * (n_train if form == "lowrank" else size)
+                      for form, size in zip(self.forms, self.block_sizes))
+        if entries <= self.max_params**2:
+            return
+        sizes = ", ".join(f"{n}: {layer.n_params}" for n, layer in list(self.layers.items())[:6])
+        more = ", ..." if len(self.layers) > 6 else ""
+        if len(self.blocks) == 1 and self.forms[0] == "dense":
+            shape = f"a dense {self.n_params} x {self.n_params} float64 matrix"
+        else:
+            shape = f"{len(self.blocks)} float64 blocks of {self.n_params} parameters in all"
+        hint = "" if fisher == "empirical" else (
+            "; with fisher='empirical' and fewer train examples than parameters it keeps only the n x P gradients")
+        raise InfkitError(
+            f"the exact estimator builds {shape} ({entries * 8 / 2**30:.1f} GiB), above its limit of "
+            f"{self.max_params} tracked parameters ({self.max_params} x {self.max_params} float64 entries; layers: "
+            f"{sizes}{more}). Track fewer layers with modules=, use a smaller LoRA rank, use block_diagonal=True"
+            f"{hint}, or raise max_params= if you have the memory"
+        )
 
     def planned_factor_bytes(self, n_train: int) -> int:
-        return 2 * 8 * self.n_params**2  # G and its Cholesky factor, float64
+        forms = self.forms or ["dense"] * len(self.blocks)
+        return sum(8 * size * (n_train if form == "lowrank" else 2 * size)
+                   for form, size in zip(forms, self.block_sizes))
 
-    def flatten(self, grads: Grads) -> torch.Tensor:
-        return torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name in self.layers], dim=1)
+    # -- layout ------------------------------------------------------------------------------------------------
+    def flatten(self, grads: Grads, block: list[str] | None = None) -> torch.Tensor:
+        names = block if block is not None else list(self.layers)
+        return torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name in names], dim=1)
 
-    def unflatten(self, flat: torch.Tensor) -> Grads:
+    def unflatten(self, flat: torch.Tensor, block: list[str] | None = None) -> Grads:
         out, start = {}, 0
-        for name, layer in self.layers.items():
+        for name in block if block is not None else self.layers:
+            layer = self.layers[name]
             out[name] = flat[:, start : start + layer.n_params].reshape(-1, layer.d_out, layer.d_in)
             start += layer.n_params
         return out
 
+    def _block_slices(self) -> list[slice]:
+        bounds = torch.tensor([0] + self.block_sizes).cumsum(0).tolist()
+        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    # -- fit ---------------------------------------------------------------------------------------------------
     def fit(self, passes) -> None:
-        gram = torch.zeros(self.n_params, self.n_params, dtype=torch.float64, device=passes.device)
+        if not self.forms:
+            self.check_fits(passes.n, passes.fisher)
+        device, n = passes.device, passes.n
+        self.dense = {b: torch.zeros(size, size, dtype=torch.float64, device=device)
+                      for b, (size, form) in enumerate(zip(self.block_sizes, self.forms)) if form == "dense"}
+        self.rows = {b: torch.zeros(n, size, dtype=torch.float64, device=device)
+                     for b, (size, form) in enumerate(zip(self.block_sizes, self.forms)) if form == "lowrank"}
         if passes.fisher == "empirical":
             for cb in passes.iterate("true", desc="exact: empirical Fisher"):
-                g = self.flatten({n: cb.grads(n) for n in self.layers}).double()
-                gram += g.T @ g
+                g = self.flatten({name: cb.grads(name) for name in self.layers}).double() / n**0.5
+                self._accumulate(g, rows_at=torch.as_tensor(cb.indices, device=device))
         else:
             for indices in passes.batches(desc="exact: GGN"):
-                self._accumulate_ggn(passes, indices, gram)
-        gram /= passes.n
-        if self.block_diagonal:
-            gram = gram * self._block_mask(gram.device)
-        self.curvature = gram
+                self._accumulate_ggn(passes, indices)
+            for gram in self.dense.values():
+                gram /= n
         self._set_damping()
 
-    def _accumulate_ggn(self, passes, indices: list[int], gram: torch.Tensor) -> None:
+    def _accumulate(self, rows: torch.Tensor, rows_at: torch.Tensor | None = None) -> None:
+        """Add rows [R, P] (float64): to the dense blocks as Σ rowᵀrow, to the low-rank blocks as stored rows."""
+        for b, cols in enumerate(self._block_slices()):
+            if b in self.dense:
+                part = rows[:, cols]
+                self.dense[b] += part.T @ part
+            else:
+                self.rows[b][rows_at] = rows[:, cols]
+
+    def _accumulate_ggn(self, passes, indices: list[int]) -> None:
         batch = passes.collate(indices)
         rows: list[torch.Tensor] = []
         with eval_mode(passes.model), torch.enable_grad(), Capture(self.layers, passes.task.token_mask(batch)) as cap:
@@ -86,45 +142,80 @@ class Exact(Estimator):
                     s = cap.output_grads((outputs * seed).flatten(1).sum(dim=1), retain_graph=True)
                     rows.append(self.flatten({n: per_example_grads(activations[n], s[n]) for n in self.layers}))
                     if sum(r.shape[0] for r in rows) >= ROWS_PER_UPDATE:
-                        stacked = torch.cat(rows).double()
-                        gram += stacked.T @ stacked
+                        self._accumulate(torch.cat(rows).double())
                         rows.clear()
         if rows:
-            stacked = torch.cat(rows).double()
-            gram += stacked.T @ stacked
+            self._accumulate(torch.cat(rows).double())
 
-    def _block_mask(self, device) -> torch.Tensor:
-        owner = torch.cat([torch.full((layer.n_params,), k) for k, layer in enumerate(self.layers.values())])
-        return (owner[:, None] == owner[None, :]).to(device=device, dtype=torch.float64)
-
+    # -- damping and solves ------------------------------------------------------------------------------------
     def _set_damping(self) -> None:
-        heuristic = 0.1 * float(torch.diagonal(self.curvature).mean())
+        trace = sum(float(torch.diagonal(g).sum()) for g in self.dense.values())
+        trace += sum(float(x.square().sum()) for x in self.rows.values())
+        heuristic = 0.1 * trace / self.n_params
         for name in self.layers:
             self.resolve_damping(name, heuristic)
         self._factorize()
 
+    def _diagonal(self, block: list[str], device) -> torch.Tensor:
+        """D_b: each parameter's λ, [P_b] float64."""
+        return torch.cat([torch.full((self.layers[n].n_params,), self.damping_used[n], dtype=torch.float64)
+                          for n in block]).to(device)
+
     def _factorize(self) -> None:
-        diagonal = torch.cat(
-            [torch.full((layer.n_params,), self.damping_used[name], dtype=torch.float64)
-             for name, layer in self.layers.items()]
-        ).to(self.curvature.device)
-        factor, info = torch.linalg.cholesky_ex(self.curvature + torch.diag(diagonal))
-        if int(info) != 0:
-            raise InfkitError(
-                "the damped curvature G + λI is not positive definite (λ too small for a singular G); "
-                "give a positive damping= or use damping=None for the heuristic"
-            )
-        self._factor = factor
+        self._solvers = {}
+        for b, block in enumerate(self.blocks):
+            if b in self.dense:
+                matrix = self.dense[b] + torch.diag(self._diagonal(block, self.dense[b].device))
+            else:
+                rows, diagonal = self.rows[b], self._diagonal(block, self.rows[b].device)
+                if not bool((diagonal > 0).all()):
+                    raise InfkitError(
+                        "the exact estimator's low-rank (Woodbury) form needs a damping > 0 for every layer; give a "
+                        "positive damping= or damping=None for the heuristic"
+                    )
+                matrix = torch.eye(rows.shape[0], dtype=torch.float64, device=rows.device) + (rows / diagonal) @ rows.T
+            factor, info = torch.linalg.cholesky_ex(matrix)
+            if int(info) != 0:
+                raise InfkitError(
+                    "the damped curvature G + λI is not positive definite (λ too small for a singular G); "
+                    "give a positive damping= or use damping=None for the heuristic"
+                )
+            self._solvers[b] = factor
 
     def precondition(self, grads: Grads) -> Grads:
-        flat = self.flatten(grads)
-        solved = torch.cholesky_solve(flat.double().T, self._factor).T
-        return {n: g.to(flat.dtype) for n, g in self.unflatten(solved).items()}
+        out: Grads = {}
+        for b, block in enumerate(self.blocks):
+            flat = self.flatten(grads, block)
+            v = flat.double().T  # [P_b, Q]
+            if b in self.dense:
+                solved = torch.cholesky_solve(v, self._solvers[b])
+            else:
+                rows, diagonal = self.rows[b], self._diagonal(block, v.device)[:, None]
+                scaled = v / diagonal  # D⁻¹v
+                solved = scaled - (rows.T / diagonal) @ torch.cholesky_solve(rows @ scaled, self._solvers[b])
+            out.update({n: g.to(flat.dtype) for n, g in self.unflatten(solved.T, block).items()})
+        return out
+
+    @property
+    def curvature(self) -> torch.Tensor:
+        """G as one dense float64 matrix (zeros off the blocks), for inspection on small models."""
+        full = torch.zeros(self.n_params, self.n_params, dtype=torch.float64)
+        for b, cols in enumerate(self._block_slices()):
+            block = self.dense[b] if b in self.dense else self.rows[b].T @ self.rows[b]
+            full[cols, cols] = block.cpu()
+        return full
 
     def state(self):
-        return {"curvature": self.curvature}
+        state = {f"dense.{b}": g for b, g in self.dense.items()}
+        state.update({f"rows.{b}": x for b, x in self.rows.items()})
+        return state
 
     def load_state(self, state, damping_used) -> None:
-        self.curvature = state["curvature"]
+        self.dense = {int(k.split(".")[1]): v for k, v in state.items() if k.startswith("dense.")}
+        self.rows = {int(k.split(".")[1]): v for k, v in state.items() if k.startswith("rows.")}
+        if len(self.dense) + len(self.rows) != len(self.blocks):
+            raise InfkitError("the saved exact estimator has other blocks than this one (block_diagonal differs?); "
+                              "load it with the options it was fitted with, or fit a new analysis")
+        self.forms = ["dense" if b in self.dense else "lowrank" for b in range(len(self.blocks))]
         self.damping_used = dict(damping_used)
         self._factorize()
