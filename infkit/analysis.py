@@ -21,7 +21,7 @@ import torch
 
 from infkit import persist
 from infkit.cache import Cache
-from infkit.capture import active_adapters, find_layers
+from infkit.capture import active_adapters, find_layers, ordinary_layers, tracked_summary
 from infkit.errors import InfkitError
 from infkit.estimators import make_estimator
 from infkit.estimators.base import Damping, Grads
@@ -94,6 +94,8 @@ class Analysis:
         self.batch_size, self.seed, self.fisher, self.progress = batch_size, seed, fisher, progress
         self.layers = find_layers(model, modules)
         self.adapters = active_adapters(model)  # the peft adapter(s) whose modules are tracked; [] without peft
+        # with peft: tracked layers that are not LoRA matrices (e.g. a modules_to_save classifier head) -> why
+        self.ordinary_layers = ordinary_layers(self.layers, self.adapters)
         if data_length(train_data) == 0:
             raise InfkitError("the train data is empty: influence needs at least one training example")
         self.estimator_options = dict(estimator_options)
@@ -122,6 +124,11 @@ class Analysis:
     @property
     def n_train(self) -> int:
         return data_length(self.train_data)
+
+    @property
+    def tracked(self) -> str:
+        """What is tracked, in words: layer count, or with peft the adapter's LoRA matrices and ordinary layers."""
+        return tracked_summary(self.layers, self.adapters)
 
     @property
     def n_params(self) -> int:
@@ -229,7 +236,8 @@ class Analysis:
             estimator=self.estimator.name,
             damping=dict(self.estimator.damping_used),
             train_indices=columns,
-            info={"fisher": self.fisher, "seconds": self.timings["scores"], "adapters": list(self.adapters)},
+            info={"fisher": self.fisher, "seconds": self.timings["scores"], "adapters": list(self.adapters),
+                  "ordinary_layers": dict(self.ordinary_layers), "tracked": self.tracked},
             _analysis=self,
             _query_grads=query_grads,
         )

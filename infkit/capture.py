@@ -171,6 +171,32 @@ def is_lora_layer(name: str) -> bool:
     return len(parts) >= 2 and parts[-2] in LORA_CONTAINERS
 
 
+def ordinary_layers(layers: dict[str, Layer], adapters: list[str]) -> dict[str, str]:
+    """In a peft model, the tracked layers that are not LoRA matrices, each with why it is trainable:
+    ``modules_to_save`` copies (e.g. a classification head) are tracked whole (weight and bias), like any layer."""
+    if not adapters:
+        return {}
+    return {
+        name: "modules_to_save copy" if ".modules_to_save." in name else "trainable layer outside the adapter"
+        for name in layers
+        if not is_lora_layer(name)
+    }
+
+
+def tracked_summary(layers: dict[str, Layer], adapters: list[str]) -> str:
+    """One line saying what is tracked: the adapter's LoRA matrices and any ordinary layers beside them."""
+    others = ordinary_layers(layers, adapters)
+    if not adapters:
+        return f"tracks {len(layers)} layers ({sum(layer.n_params for layer in layers.values()):,} parameters)"
+    lora = [layer for name, layer in layers.items() if name not in others]
+    text = (f"tracks {len(lora)} LoRA matrices of adapter {', '.join(map(repr, adapters))} "
+            f"({sum(layer.n_params for layer in lora):,} parameters)")
+    if others:
+        listed = "; ".join(f"{name} ({layers[name].n_params:,} parameters, {why})" for name, why in others.items())
+        text += f" and {len(others)} ordinary layer(s), tracked whole like any layer: {listed}"
+    return text
+
+
 def find_layers(model: nn.Module, modules: str | Iterable[str] | None = None) -> dict[str, Layer]:
     """The tracked layers: supported modules with a trainable weight, optionally filtered by name patterns.
 

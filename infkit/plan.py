@@ -45,6 +45,7 @@ class Plan:
     fit_passes: int
     cache_passes: int  # 0 when the estimator's fit fills the cache itself
     device: str
+    tracked: str = ""  # what is tracked, in words (LoRA matrices and ordinary layers of a peft model)
 
     @property
     def fallback(self) -> str | None:
@@ -61,6 +62,7 @@ class Plan:
         lines = [
             f"infkit plan: {self.estimator} on {self.n_layers} layers ({self.n_params:,} parameters), "
             f"{self.n_train:,} train examples, device {self.device}",
+            *([f"  {self.tracked}"] if self.tracked else []),
             f"  fit: {self.fit_passes} pass(es) over the train data, factors {format_bytes(self.factor_bytes)}",
         ]
         if self.cache_train:
@@ -93,6 +95,7 @@ def make_plan(analysis) -> Plan:
         fit_passes=est.fit_passes,
         cache_passes=0 if est.fuses_train_side(analysis.fisher) else 1,
         device=str(analysis.device),
+        tracked=analysis.tracked if analysis.ordinary_layers else "",
     )
 
 

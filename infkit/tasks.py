@@ -105,9 +105,34 @@ class Classification(Task):
 
     Works for a plain ``nn.Module`` (called as ``model(x)``) and for transformers sequence classifiers
     (called as ``model(**inputs)``). The train loss of an example is its cross-entropy (one "token").
+    Token dicts of different lengths (``input_ids`` and optionally ``attention_mask`` / ``token_type_ids``, 1-D)
+    are right-padded with ``pad_token_id`` (else the tokenizer's, else 0) and given an attention mask.
     """
 
     tokenizer: Any = None
+    pad_token_id: int | None = None
+
+    def _pad_id(self) -> int:
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return int(getattr(self.tokenizer, "pad_token_id", None) or 0)
+
+    def _pad_tokens(self, examples) -> dict[str, torch.Tensor]:
+        """Right-pad variable-length token dicts: input_ids with the pad id, masks and type ids with 0."""
+        rows = [{k: torch.as_tensor(v) for k, v in ex.items() if k != "labels"} for ex in examples]
+        length = max(r["input_ids"].shape[0] for r in rows)
+        batch: dict[str, torch.Tensor] = {}
+        for key in rows[0]:
+            fill = self._pad_id() if key == "input_ids" else 0
+            batch[key] = torch.full((len(rows), length), fill, dtype=rows[0][key].dtype)
+            for i, r in enumerate(rows):
+                batch[key][i, : r[key].shape[0]] = r[key]
+        if "attention_mask" not in batch:
+            batch["attention_mask"] = torch.zeros((len(rows), length), dtype=torch.long)
+            for i, r in enumerate(rows):
+                batch["attention_mask"][i, : r["input_ids"].shape[0]] = 1
+        batch["labels"] = torch.as_tensor([int(ex["labels"]) for ex in examples], dtype=torch.long)
+        return batch
 
     def collate(self, examples):
         if not examples:
@@ -116,6 +141,9 @@ class Classification(Task):
         if isinstance(first, Mapping):
             if "labels" not in first:
                 raise InfkitError("Classification examples given as dicts need a 'labels' entry")
+            ids = [torch.as_tensor(ex.get("input_ids", 0)) for ex in examples]
+            if all(t.dim() == 1 for t in ids) and len({t.shape[0] for t in ids}) > 1:
+                return self._pad_tokens(examples)
             keys = list(first.keys())
             batch = {k: _stack([ex[k] for ex in examples], key=k) for k in keys}
             batch["labels"] = batch["labels"].long().reshape(-1)

@@ -183,6 +183,8 @@ def result_html(result: Any, k: int = 5, max_queries: int = 3) -> str:
     columns = result.train_indices if result.train_indices is not None else None
     parts = [H.note(f"{result!r} — raw scores; top {min(k, result.n_train)} of the first {n_q} of {result.n_query} "
                     f"queries. {SIGN_LEGEND}")]
+    if result.info.get("ordinary_layers"):
+        parts.append(H.note(f"Tracked: {result.info['tracked']}."))
     for q in range(n_q):
         pro, opp, n_nan = ranked(result.scores[q], k)
 
