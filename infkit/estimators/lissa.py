@@ -12,17 +12,20 @@ Note:
     rate 1 − λ/s per step, when every s_l exceeds the largest eigenvalue of H (of its block l with
     ``block_diagonal=True``). The result is the mean over ``repeats`` independent recursions.
 
-    Defaults: ``depth=500`` steps, ``repeats=2``, ``batch_size=32`` (all n when n is smaller), damping
-    λ_l = 0.1 · (1/(n d_l)) Σ_i ‖g_il‖² per layer (a tenth of the mean eigenvalue of the layer's block, as for
-    DataInf and EK-FAC; a float or dict overrides it), and ``scale=None``: 1.5 × (the largest eigenvalue of G + Λ,
-    estimated by 30 power iterations on the full G at fit time), per layer with ``block_diagonal=True`` and one
-    for the whole model otherwise. A float ``scale=`` sets it for every layer. ``block_diagonal=False`` (default)
-    inverts G over all tracked parameters jointly; ``True`` drops the cross-layer terms (the reference of DataInf,
-    EK-FAC and the block-diagonal "exact"). Randomness: the mini-batches are drawn from a generator seeded by the
-    analysis' ``seed`` at each call, so a query's result does not depend on the other queries in its batch.
+    Defaults: ``depth=500`` steps, ``repeats=2``, ``minibatch=32`` examples per step (all n when n is smaller),
+    damping λ_l = 0.1 · (1/(n d_l)) Σ_i ‖g_il‖² per layer (a tenth of the mean eigenvalue of the layer's block, as
+    for DataInf and EK-FAC; a float or dict overrides it), and ``scale=None``: 1.5 × (the largest eigenvalue of
+    G + Λ, estimated by 30 power iterations on the full G at fit time), raised where needed to 0.6 × a bound on the
+    largest eigenvalue of any mini-batch's G_B + Λ (the mean of the ``minibatch`` largest ‖g_i‖², plus λ): every
+    step is then a contraction, so a batch of unusually large gradients cannot make the recursion diverge. Per
+    layer with ``block_diagonal=True``, one for the whole model otherwise; a float ``scale=`` sets every layer's.
+    ``block_diagonal=False`` (default) inverts G over all tracked parameters jointly; ``True`` drops the
+    cross-layer terms (the reference of DataInf, EK-FAC and the block-diagonal "exact"). Randomness: the
+    mini-batches are drawn from a generator seeded by the analysis' ``seed`` at each call, so a query's result
+    does not depend on the other queries in its batch.
 
     Cost: one pass over the train data to store the n × P gradients (float32, or float64 for a float64 model);
-    each query batch costs depth × repeats mini-batch products, O(depth · repeats · Q · batch_size · P). With
+    each query batch costs depth × repeats mini-batch products, O(depth · repeats · Q · minibatch · P). With
     ``block_diagonal=True`` the layers of equal size are stacked and their products batched (``torch.bmm``), so
     a step is a few large matrix products rather than two per layer. The number of steps it needs grows with s/λ
     (the condition number of H), so with little damping or a spread-out spectrum the default depth leaves it short
@@ -39,6 +42,9 @@ from infkit.estimators.datainf import DAMPING_FRACTION, stored_dtype
 
 POWER_ITERATIONS = 30
 SCALE_MARGIN = 1.5
+#: every step's map I − (G_B + Λ)/s is a contraction when s > λ_max(G_B + Λ)/2 for all mini-batches B; the scale
+#: is kept above STABILITY_MARGIN × a bound on that eigenvalue, so an unlucky mini-batch cannot make it diverge.
+STABILITY_MARGIN = 0.6
 
 
 @register("lissa")
@@ -49,17 +55,17 @@ class LiSSA(Estimator):
         damping=None,
         depth: int = 500,
         repeats: int = 2,
-        batch_size: int = 32,
+        minibatch: int = 32,
         scale: float | None = None,
         block_diagonal: bool = False,
     ):
         super().__init__(layers, damping)
-        for label, value in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size)):
+        for label, value in (("depth", depth), ("repeats", repeats), ("minibatch", minibatch)):
             if int(value) < 1:
                 raise InfkitError(f"lissa: {label} must be >= 1, got {value}")
         if scale is not None and not scale > 0:
             raise InfkitError(f"lissa: scale must be > 0 (above the largest eigenvalue of G + λI), got {scale}")
-        self.depth, self.repeats, self.batch_size = int(depth), int(repeats), int(batch_size)
+        self.depth, self.repeats, self.minibatch = int(depth), int(repeats), int(minibatch)
         self.scale_option, self.block_diagonal = scale, block_diagonal
         self.n_params = sum(layer.n_params for layer in layers.values())
         # Groups of layers whose blocks are handled together: every layer in one group (joint, the rows are the
@@ -73,6 +79,7 @@ class LiSSA(Estimator):
             self.groups = [list(layers)]
         self.stacks: list[torch.Tensor] = []  # per group [L_g, n, d_g] (joint: [1, n, P])
         self.scales: dict[str, float] = {}
+        self.power_iteration_top: dict[str, float] = {}  # largest eigenvalue of G + Λ per layer (power iteration)
         self.seed = 0
 
     def planned_factor_bytes(self, n_train: int) -> int:
@@ -148,13 +155,28 @@ class LiSSA(Estimator):
                 top[name] = value
         if not self.block_diagonal:
             top = dict.fromkeys(self.layers, float(tops[0][0]))
-        self.scales = {name: SCALE_MARGIN * value for name, value in top.items()}
+        self.power_iteration_top = top
+        bound = self._batch_eigenvalue_bound()
+        self.scales = {name: max(SCALE_MARGIN * top[name], STABILITY_MARGIN * bound[name]) for name in top}
         for name, value in self.scales.items():
             if not value > 0:
                 raise InfkitError(
                     f"lissa: the curvature of layer {name!r} is zero (largest eigenvalue {value / SCALE_MARGIN}); "
                     "give a positive damping= or scale="
                 )
+
+    def _batch_eigenvalue_bound(self) -> dict[str, float]:
+        """Per layer, an upper bound on the largest eigenvalue of G_B + Λ over every mini-batch B the recursion
+        can draw: λ_max(G_B) ≤ trace(G_B) = mean_{i∈B} ‖g_i‖² ≤ the mean of the |B| largest ‖g_i‖²."""
+        batch = min(self.minibatch, self.stacks[0].shape[1])
+        per_group = [stack.double().square().sum(dim=2).topk(batch, dim=1).values.mean(dim=1) for stack in self.stacks]
+        bound = {}
+        for group, values in zip(self.groups, per_group):
+            for name, value in zip(group, values.tolist()):
+                bound[name] = value
+        if not self.block_diagonal:
+            bound = dict.fromkeys(self.layers, float(per_group[0][0]))
+        return {name: value + self.damping_used[name] for name, value in bound.items()}
 
     # -- precondition -------------------------------------------------------------------------------------------
     def precondition(self, grads: Grads) -> Grads:
@@ -165,7 +187,7 @@ class LiSSA(Estimator):
         damping = self._per_entry(self.damping_used, self.stacks)
         inv_scale = self._per_entry({name: 1.0 / s for name, s in self.scales.items()}, self.stacks)
         n = ref.shape[1]
-        batch = min(self.batch_size, n)
+        batch = min(self.minibatch, n)
         generator = torch.Generator().manual_seed(self.seed)
         start = [x * c for x, c in zip(v, inv_scale)]
         total = [torch.zeros_like(x) for x in v]
