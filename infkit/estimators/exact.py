@@ -36,6 +36,9 @@ from infkit.passes import eval_mode
 
 DEFAULT_MAX_PARAMS = 20_000
 ROWS_PER_UPDATE = 2048
+#: the sampled-Fisher GGN takes one backward pass per position and output class; above this many classes (a real
+#: LM's vocabulary) it refuses rather than run for hours.
+MAX_GGN_CLASSES = 1024
 
 
 @register("exact")
@@ -133,6 +136,13 @@ class Exact(Estimator):
         rows: list[torch.Tensor] = []
         with eval_mode(passes.model), torch.enable_grad(), Capture(self.layers, passes.task.token_mask(batch)) as cap:
             outputs, root = passes.task.output_hessian_root(passes.model, batch)  # [B, P, C], [B, P, C, C]
+            if root.shape[-1] > MAX_GGN_CLASSES:
+                raise InfkitError(
+                    f"the exact GGN (fisher='sampled') needs one backward pass per position and output class, and "
+                    f"this model has {root.shape[-1]} classes (a language model's vocabulary?): that would take "
+                    "hours. Use fisher='empirical' (exact inverse of the empirical Fisher; with fewer examples than "
+                    "parameters it is cheap) or track a model with fewer outputs"
+                )
             activations = cap.activations()
             live_positions = root.detach().abs().flatten(2).sum(dim=(0, 2)).nonzero().flatten().tolist()
             for pos in live_positions:
