@@ -190,7 +190,8 @@ class CausalLM(Task):
       * dict with ``input_ids`` (and optionally ``attention_mask``, ``labels`` with -100 for unscored tokens);
       * dict with ``prompt`` and ``completion`` strings (needs ``tokenizer``): only the completion is labelled;
       * a string (needs ``tokenizer``): every token is labelled.
-    Batches are right-padded with ``pad_token_id`` and get an attention mask.
+    Batches are right-padded with ``pad_token_id`` and get an attention mask. ``max_length`` cuts longer
+    examples: a text or input_ids keeps its first tokens, a prompt/completion its last (the completion is measured).
     """
 
     tokenizer: Any = None
@@ -249,12 +250,21 @@ class CausalLM(Task):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
+    def _truncate(self, encoded: dict[str, torch.Tensor], example) -> dict[str, torch.Tensor]:
+        """Cut to ``max_length`` tokens: texts keep their start; a prompt/completion keeps its end (the start of
+        the prompt goes), so the measured completion survives."""
+        if encoded["input_ids"].numel() <= self.max_length:
+            return encoded
+        keep_end = isinstance(example, Mapping) and "completion" in example
+        cut = slice(-self.max_length, None) if keep_end else slice(None, self.max_length)
+        return {k: v[cut] for k, v in encoded.items()}
+
     def collate(self, examples):
         if not examples:
             raise InfkitError("empty batch: the data has no examples")
         encoded = [self._encode(ex) for ex in examples]
         if self.max_length is not None:
-            encoded = [{k: v[: self.max_length] for k, v in e.items()} for e in encoded]
+            encoded = [self._truncate(e, ex) for e, ex in zip(encoded, examples)]
         length = max(e["input_ids"].numel() for e in encoded)
         pad = self._pad_id()
         batch_size = len(encoded)

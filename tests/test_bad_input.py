@@ -109,3 +109,18 @@ def test_empty_completion():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]")
     with pytest.raises(InfkitError, match="completion '' is empty"):
         tasks.CausalLM(tokenizer=tokenizer).collate([{"prompt": "the capital", "completion": ""}])
+
+
+class CharTokenizer:
+    """One token per character (ids 1..), enough to check how examples are cut."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) - ord("a") + 1 for c in text]}
+
+
+def test_max_length_keeps_a_completion_and_the_start_of_a_text():
+    task = tasks.CausalLM(tokenizer=CharTokenizer(), max_length=4)
+    batch = task.collate([{"prompt": "abcdef", "completion": "gh"}, "abcdef"])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [1, 2, 3, 4]]
+    assert batch["labels"][0].tolist() == [-100, -100, 7, 8]  # the completion survives the cut
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
