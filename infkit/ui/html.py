@@ -41,7 +41,7 @@ STYLE = """
 .ik table.ik-table caption { caption-side: top; text-align: left; color: #555; padding-bottom: 0.3em; }
 .ik .ik-seq { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 0.95em;
   line-height: 1.9; }
-.ik .ik-tok { white-space: pre; padding: 0.12em 0.06em; border-radius: 2px; box-shadow: inset 0 0 0 1px #eee; }
+.ik .ik-tok { white-space: pre-wrap; padding: 0.12em 0.06em; border-radius: 2px; box-shadow: inset 0 0 0 1px #eee; }
 .ik .ik-tok.ik-dark { color: #fff; }
 .ik .ik-tok.ik-nan { background: repeating-linear-gradient(45deg, #bdbdbd 0 3px, #e6e6e6 3px 6px); color: #333; }
 .ik .ik-tok .ik-ws { color: #8a8a8a; }
@@ -132,8 +132,9 @@ _VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥", "\u00a0": "⍽", "\u200b": "�
 
 def token_html(text: str, special: bool = False) -> str:
     """A token's text, escaped, with whitespace shown faithfully: spaces stay spaces (the span keeps them with
-    ``white-space: pre``), a newline shows as ↵ and breaks the line, a tab as ⇥, other control and invisible
-    characters by name; an empty token as ∅. Special tokens (``<eos>``, ``[CLS]`` ...) keep their exact text."""
+    ``white-space: pre-wrap``, and a long row still wraps at them), a newline shows as ↵ and breaks the line, a tab
+    as ⇥, other control and invisible characters by name; an empty token as ∅. Special tokens (``<eos>``,
+    ``[CLS]`` ...) keep their exact text."""
     if text == "":
         return '<span class="ik-ws">∅</span>'
     if special:

@@ -15,8 +15,8 @@ from infkit.ui import html as H
 from infkit.ui.plots import short_layer_name
 from infkit.widgets.common import SIGN_LEGEND, HeatmapRow, ranked, train_text
 
-#: Long sequences wrap between tokens (a token keeps its own spaces visible); more specific than the
-#: ``.ik .ik-tok { white-space: pre }`` of :data:`infkit.ui.html.STYLE`, so it wins wherever it is included.
+#: Long sequences wrap between tokens (a token keeps its own spaces visible), and a token with no space in it
+#: may break anywhere rather than overflow.
 WRAP_STYLE = "<style>.ik .ik-seq .ik-tok { white-space: pre-wrap; } .ik .ik-seq { overflow-wrap: anywhere; }</style>"
 
 
