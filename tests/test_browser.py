@@ -313,3 +313,17 @@ def test_static_exports_render_offline(browser, tmp_path, timings):
         path=str(OUT / "static_export_comparison.png"))
     timings["static export: nbconvert + checks (s)"] = round(time.perf_counter() - start, 2)
     page.close()
+
+
+def test_a_long_token_row_wraps_inside_its_box(browser):
+    """A 200-token heatmap row (a news article, say) wraps at the tokens' spaces instead of running off the page;
+    each token keeps its own spaces."""
+    tokens = [f" word{i}" for i in range(200)]
+    row = H.token_row(tokens, [float(i % 7 - 3) for i in range(200)])
+    page = browser.new_page()
+    page.set_content(H.page("wrap", f'<div id="box" style="width: 600px">{row}</div>'))
+    scroll_width, client_width, height = page.evaluate(
+        "() => { const b = document.getElementById('box'); return [b.scrollWidth, b.clientWidth, b.scrollHeight]; }")
+    assert scroll_width <= client_width == 600
+    assert height > 10 * 20  # many lines
+    assert page.locator(".ik-tok").first.inner_text() == " word0"
