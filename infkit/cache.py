@@ -58,6 +58,16 @@ def data_fingerprint(task, data, batch_size: int = 64) -> dict[str, Any]:
     return {"n_train": n, "data_sha256": h.hexdigest()}
 
 
+def task_fingerprint(task) -> dict[str, Any]:
+    """The task's type and its plain settings (numbers, strings, flags: e.g. ``max_length``, a diffusion task's
+    ``n_draws`` and ``seed``), which change the losses without changing the collated data."""
+    settings = {}
+    for name, value in sorted(vars(task).items()):
+        if not name.startswith("_") and isinstance(value, (bool, int, float, str)):  # None = a default: left out
+            settings[name] = value
+    return {"type": type(task).__name__, "settings": settings}
+
+
 def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences between two fingerprints (empty when they match)."""
     problems = []
@@ -78,7 +88,14 @@ def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[st
         problems.append(f"the train data has {n_now} examples, {n_saved} when saved")
     elif saved["data"]["data_sha256"] != current["data"]["data_sha256"]:
         problems.append("the train data has the same size but other contents (or another order or tokenizer)")
+    if "task" in saved and "task" in current and saved["task"] != current["task"]:  # older saves lack it
+        problems.append(f"the task is {_task_text(current['task'])} here, {_task_text(saved['task'])} when saved")
     return problems
+
+
+def _task_text(fingerprint: dict[str, Any]) -> str:
+    settings = ", ".join(f"{k}={v!r}" for k, v in fingerprint["settings"].items())
+    return f"{fingerprint['type']}({settings})"
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from infkit._version import __version__
-from infkit.cache import data_fingerprint, describe_mismatch, model_fingerprint
+from infkit.cache import data_fingerprint, describe_mismatch, model_fingerprint, task_fingerprint
 from infkit.errors import InfkitError
 
 FORMAT = 1
@@ -143,7 +143,8 @@ def load(cls, path, model, task, train_data, progress: bool = True):
         cache_dtype=settings["cache_dtype"],
         **settings["estimator_options"],
     )
-    current = {"model": model_fingerprint(analysis.layers), "data": data_fingerprint(task, train_data)}
+    current = {"model": model_fingerprint(analysis.layers), "data": data_fingerprint(task, train_data),
+               "task": task_fingerprint(task)}
     problems = describe_mismatch(meta["fingerprint"], current)
     if problems:
         raise InfkitError(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infkit.cache import Cache, data_fingerprint, format_bytes, model_fingerprint
+from infkit.cache import Cache, data_fingerprint, format_bytes, model_fingerprint, task_fingerprint
 from infkit.errors import InfkitError
 
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -106,6 +106,7 @@ def build_cache(analysis, plan: Plan) -> Cache:
     cache.fingerprint = {
         "model": model_fingerprint(analysis.layers),
         "data": data_fingerprint(analysis.task, analysis.train_data),
+        "task": task_fingerprint(analysis.task),
     }
     if not plan.cache_train:
         cache.fallback = plan.fallback

@@ -108,6 +108,9 @@ def test_load_refuses_other_model_or_data_and_says_what_differs(tmp_path):
     wider = tiny_gpt2(width=32)
     with pytest.raises(InfkitError, match=r"layer 'transformer.h.1.mlp.c_fc' has shape \[128, 33\] here, \[64, 17\]"):
         Analysis.load(tmp_path / "saved", wider, tasks.CausalLM(), data(), progress=False)
+    # a task setting that leaves these (short) examples as they are but would cut longer ones
+    with pytest.raises(InfkitError, match=r"the task is CausalLM\(max_length=50\) here, CausalLM\(\) when saved"):
+        Analysis.load(tmp_path / "saved", tiny_gpt2(), tasks.CausalLM(max_length=50), data(), progress=False)
 
 
 def test_truncated_or_edited_saves_are_detected(tmp_path):
