@@ -8,6 +8,8 @@
   in two for retraining elsewhere (in parallel, on other machines).
 * :func:`mislabel_auc` and :func:`detection_curve` — how well the scores find mislabelled training points
   (Koh & Liang 2017; Kwon et al. 2023, DataInf, Fig. 2).
+* :func:`class_recall` and :func:`class_auc` — whether each query's strongest proponents come from its own class
+  (Kwon et al. 2023, DataInf, §4.2: the sentence-transformation and math tasks).
 
 Sign (DESIGN.md §2): score(q, i) > 0 means up-weighting train example i lowers query q's loss (a proponent).
 So a model trained on a subset S is predicted to have query loss ≈ const − Σ_{i∈S} score(q, i) (the
@@ -38,6 +40,8 @@ __all__ = [
     "LDSError",
     "LDSResult",
     "agreement",
+    "class_auc",
+    "class_recall",
     "detection_curve",
     "lds",
     "lds_from_measurements",
@@ -670,3 +674,85 @@ def detection_curve(
     found = np.concatenate([[0.0], np.cumsum(mask[order]) / mask.sum()])
     inspected = np.arange(len(order) + 1) / len(order)
     return DetectionCurve(inspected=inspected, found=found, order=order)
+
+
+# -- class recall / class AUC ---------------------------------------------------------------------------------------
+def _labels(x: Any, what: str) -> np.ndarray:
+    arr = np.asarray(x.detach().cpu() if torch.is_tensor(x) else x)
+    if arr.ndim != 1:
+        raise InfkitError(f"{what} must be one-dimensional (one label per example); got shape {arr.shape}")
+    return arr
+
+
+def _class_inputs(scores: Any, train_labels: Any, query_labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [Q, n] float64, same-class mask [Q, n] bool), checked."""
+    arr = _scores_2d(scores, "scores")
+    train = _labels(train_labels, "train_labels")
+    query = _labels(query_labels, "query_labels")
+    if isinstance(scores, InfluenceResult) and scores.train_indices is not None and train.shape[0] != arr.shape[1]:
+        columns = np.asarray(scores.train_indices)
+        if train.shape[0] > columns.max():  # labels of every train example: take those of the scored columns
+            train = train[columns]
+    if train.shape[0] != arr.shape[1]:
+        raise InfkitError(
+            f"train_labels has {train.shape[0]} entries but the scores cover {arr.shape[1]} train examples: give one "
+            "label per train example (per column of the scores), in the same order"
+        )
+    if query.shape[0] != arr.shape[0]:
+        raise InfkitError(
+            f"query_labels has {query.shape[0]} entries but the scores have {arr.shape[0]} queries (rows): give one "
+            "label per query, in the same order"
+        )
+    return arr, train[None, :] == query[:, None]
+
+
+def class_recall(scores: Any, train_labels: Any, query_labels: Any, k: int | None = None) -> np.ndarray:
+    """Per query: the fraction of its k strongest proponents (highest scores) that share its class.
+
+    Kwon et al. (2023, DataInf, §4.2) use it with k = the number of train examples per class: 1 when a query's
+    top-k proponents are exactly the train examples of its class.
+
+    Args:
+        scores: [n_query, n_train] (or [n_train] for one query): a tensor, an array or an InfluenceResult (with
+            ``train_indices``, ``train_labels`` may label every train example; the scored columns are taken).
+        train_labels: [n_train] class of each train example (ints, strings: anything comparable with ==).
+        query_labels: [n_query] class of each query.
+        k: how many top proponents to look at; default, per query, the number of train examples of its class
+            (then recall = precision: R-precision). Ties: the lower train index first.
+
+    Returns:
+        np.ndarray [n_query] in [0, 1].
+    """
+    arr, same = _class_inputs(scores, train_labels, query_labels)
+    n_train = arr.shape[1]
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_train):
+        raise InfkitError(f"k must be an integer between 1 and the number of train examples ({n_train}); got {k!r}")
+    order = np.argsort(-arr, axis=1, kind="stable")
+    out = np.zeros(arr.shape[0])
+    for q in range(arr.shape[0]):
+        size = int(k) if k is not None else int(same[q].sum())
+        if size == 0:
+            raise InfkitError(
+                f"query {q}'s class has no train example, so the default k (its class size) is 0: pass k= explicitly"
+            )
+        out[q] = same[q, order[q, :size]].mean()
+    return out
+
+
+def class_auc(scores: Any, train_labels: Any, query_labels: Any) -> np.ndarray:
+    """Per query: the ROC AUC of its scores separating the train examples of its class (positives) from the others
+    — the probability that a random same-class example outscores a random other-class one (ties count half).
+    1: every same-class example above every other; 0.5: chance.
+
+    Arguments as for :func:`class_recall`. Returns np.ndarray [n_query]; nan for a query whose class has no train
+    example, or only train examples of its class (the AUC needs both).
+    """
+    arr, same = _class_inputs(scores, train_labels, query_labels)
+    ranks = rankdata(arr, axis=1)  # ties: average rank
+    out = np.full(arr.shape[0], np.nan)
+    for q in range(arr.shape[0]):
+        n_pos = int(same[q].sum())
+        n_neg = same.shape[1] - n_pos
+        if n_pos and n_neg:
+            out[q] = (ranks[q, same[q]].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return out

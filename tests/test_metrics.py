@@ -1,4 +1,5 @@
-"""infkit.metrics: agreement, LDS, mislabel AUC and the detection curve against hand-computed cases, and bad input."""
+"""infkit.metrics: agreement, LDS, mislabel AUC, the detection curve and class recall / AUC against hand-computed
+cases, and bad input."""
 
 import math
 
@@ -12,6 +13,8 @@ from infkit.errors import InfkitError
 from infkit.metrics import (
     LDSError,
     agreement,
+    class_auc,
+    class_recall,
     detection_curve,
     lds,
     lds_from_measurements,
@@ -289,3 +292,62 @@ def test_mislabel_bad_input():
     partial = InfluenceResult(scores=SCORES[:, :2], per_layer={}, estimator="x", damping={}, train_indices=[0, 1])
     with pytest.raises(InfkitError, match="train_indices"):
         mislabel_auc(partial, [True, False, True, False])
+
+
+# -- class recall / class AUC -------------------------------------------------------------------------------------
+CLASS_SCORES = np.array([[5.0, 1.0, 4.0, 0.0, 2.0, 3.0], [0.0, 6.0, 1.0, 5.0, 2.0, 2.0]])
+TRAIN_CLASSES = ["a", "a", "b", "b", "c", "c"]
+
+
+def test_class_recall_hand_computed():
+    # Query 0 (class a): ranking 0(a) 2(b) 5(c) 4(c) 1(a) 3(b). Query 1 (class b): 1(a) 3(b) 4(c) 5(c) 2(b) 0(a)
+    # (the tie 4/5 in index order).
+    assert class_recall(CLASS_SCORES, TRAIN_CLASSES, ["a", "b"]).tolist() == [0.5, 0.5]  # k = class size = 2
+    assert class_recall(CLASS_SCORES, TRAIN_CLASSES, ["a", "b"], k=1).tolist() == [1.0, 0.0]
+    assert np.allclose(class_recall(CLASS_SCORES, TRAIN_CLASSES, ["a", "b"], k=3), [1 / 3, 1 / 3])
+    assert class_recall(CLASS_SCORES, TRAIN_CLASSES, ["c", "c"], k=6).tolist() == [1 / 3, 1 / 3]
+    # torch inputs, integer labels, a single query as [n_train], an InfluenceResult
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert class_recall(torch.tensor(CLASS_SCORES), labels, torch.tensor([0, 1]), k=1).tolist() == [1.0, 0.0]
+    assert class_recall(CLASS_SCORES[1], labels, [1], k=2).tolist() == [0.5]
+    res = InfluenceResult(scores=torch.tensor(CLASS_SCORES), per_layer={}, estimator="x", damping={})
+    assert class_recall(res, TRAIN_CLASSES, ["a", "b"], k=1).tolist() == [1.0, 0.0]
+    # ties: the lower train index first
+    assert class_recall([[1.0, 1.0]], ["a", "b"], ["a"], k=1).tolist() == [1.0]
+    assert class_recall([[1.0, 1.0]], ["a", "b"], ["b"], k=1).tolist() == [0.0]
+    # a result over some train examples: labels of all of them select the scored columns
+    part = InfluenceResult(scores=torch.tensor([[1.0, 3.0]]), per_layer={}, estimator="x", damping={},
+                           train_indices=[4, 1])
+    assert class_recall(part, TRAIN_CLASSES, ["a"], k=1).tolist() == [1.0]
+
+
+def test_class_auc_hand_computed():
+    # Query 0 (a): positives 5 and 1 against 4, 0, 2, 3: 4 + 1 of 8 pairs. Query 1 (b): 5 and 1 against 0, 6, 2, 2:
+    # 3 + 1 of 8.
+    assert class_auc(CLASS_SCORES, TRAIN_CLASSES, ["a", "b"]).tolist() == [0.625, 0.5]
+    assert class_auc(torch.tensor(CLASS_SCORES), np.array([0, 0, 1, 1, 2, 2]), [0, 1]).tolist() == [0.625, 0.5]
+    assert class_auc([[3.0, 2.0, 1.0, 0.0]], [1, 1, 0, 0], [1]).tolist() == [1.0]
+    assert class_auc([[3.0, 2.0, 1.0, 0.0]], [1, 1, 0, 0], [0]).tolist() == [0.0]
+    assert class_auc([[1.0, 1.0, 0.0]], [0, 1, 1], [0]).tolist() == [0.75]  # a tie counts half: (0.5 + 1) / 2
+    out = class_auc([[1.0, 2.0], [1.0, 2.0]], [0, 0], [0, 3])  # all positives / no positive: undefined
+    assert math.isnan(out[0]) and math.isnan(out[1])
+
+
+def test_class_metrics_bad_input():
+    with pytest.raises(InfkitError, match="train_labels has 5 entries but the scores cover 6"):
+        class_recall(CLASS_SCORES, TRAIN_CLASSES[:5], ["a", "b"])
+    with pytest.raises(InfkitError, match="query_labels has 1 entries but the scores have 2 queries"):
+        class_auc(CLASS_SCORES, TRAIN_CLASSES, ["a"])
+    with pytest.raises(InfkitError, match="train_labels must be one-dimensional"):
+        class_auc(CLASS_SCORES, [TRAIN_CLASSES], ["a", "b"])
+    with pytest.raises(InfkitError, match="query_labels must be one-dimensional"):
+        class_recall(CLASS_SCORES, TRAIN_CLASSES, [["a", "b"]])
+    with pytest.raises(InfkitError, match="scores must be scores of shape"):
+        class_auc(np.zeros((2, 3, 4)), [0, 1, 2], [0, 1])
+    with pytest.raises(InfkitError, match="non-finite"):
+        class_auc([[1.0, float("nan")]], [0, 1], [0])
+    for k in (0, 7, 1.5, True):
+        with pytest.raises(InfkitError, match="k must be an integer between 1 and the number of train examples"):
+            class_recall(CLASS_SCORES, TRAIN_CLASSES, ["a", "b"], k=k)
+    with pytest.raises(InfkitError, match="query 1's class has no train example"):
+        class_recall(CLASS_SCORES, TRAIN_CLASSES, ["a", "z"])
