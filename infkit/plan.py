@@ -46,6 +46,7 @@ class Plan:
     cache_passes: int  # 0 when the estimator's fit fills the cache itself
     device: str
     tracked: str = ""  # what is tracked, in words (LoRA matrices and ordinary layers of a peft model)
+    factor_form: str = ""  # the estimator's words on its fitted state (exact: dense or low-rank blocks)
 
     @property
     def fallback(self) -> str | None:
@@ -63,7 +64,8 @@ class Plan:
             f"infkit plan: {self.estimator} on {self.n_layers} layers ({self.n_params:,} parameters), "
             f"{self.n_train:,} train examples, device {self.device}",
             *([f"  {self.tracked}"] if self.tracked else []),
-            f"  fit: {self.fit_passes} pass(es) over the train data, factors {format_bytes(self.factor_bytes)}",
+            f"  fit: {self.fit_passes} pass(es) over the train data, factors {format_bytes(self.factor_bytes)}"
+            + (f" ({self.factor_form})" if self.factor_form else ""),
         ]
         if self.cache_train:
             lines.append(
@@ -96,6 +98,7 @@ def make_plan(analysis) -> Plan:
         cache_passes=0 if est.fuses_train_side(analysis.fisher) else 1,
         device=str(analysis.device),
         tracked=analysis.tracked if analysis.ordinary_layers else "",
+        factor_form=est.describe_factors(),
     )
 
 

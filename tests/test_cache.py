@@ -29,6 +29,7 @@ def make(estimator="ekfac", model=None, train=None, **kwargs):
 @pytest.mark.parametrize(
     "estimator, fisher",
     [("ekfac", "sampled"), ("ekfac", "empirical"), ("kfac", "sampled"), ("identity", "sampled"), ("exact", "sampled"),
+     ("exact", "empirical"),
      ("datainf", "sampled"), ("datainf", "empirical")],
 )
 @pytest.mark.filterwarnings("ignore:datainf is designed for LoRA")
@@ -39,10 +40,13 @@ def test_cached_scores_equal_streamed_scores(estimator, fisher):
     assert cached.plan().cache_passes == (0 if fisher == "empirical" else 1)
     assert cached.cache.train_side is not None and streamed.cache.train_side is None
     a, b = cached.scores(QUERIES), streamed.scores(QUERIES)
-    assert_close(a.scores, b.scores, rel=1e-5)
+    # the cache holds float32 copies of this float64 model's gradients; exact's inverse of the rank-24 empirical
+    # Fisher at λ = 1e-3 amplifies their rounding (3e-8) more than the other estimators do
+    rel = 1e-4 if (estimator, fisher) == ("exact", "empirical") else 1e-5
+    assert_close(a.scores, b.scores, rel=rel)
     for name in a.per_layer:
-        assert_close(a.per_layer[name], b.per_layer[name], rel=1e-5)
-    assert_close(cached.self_influence(), streamed.self_influence(), rel=1e-5)
+        assert_close(a.per_layer[name], b.per_layer[name], rel=rel)
+    assert_close(cached.self_influence(), streamed.self_influence(), rel=rel)
 
 
 def test_bfloat16_cache_halves_the_bytes_and_stays_close():

@@ -97,6 +97,10 @@ class Estimator:
     def check_fits(self, n_train: int, fisher: str) -> None:
         """Refuse early (at ``Analysis`` construction) when the fitted state could not fit; default: no check."""
 
+    def describe_factors(self) -> str:
+        """A few words on the form of the fitted state, for the plan (e.g. exact's dense or low-rank blocks)."""
+        return ""
+
     def planned_factor_bytes(self, n_train: int) -> int:
         """Bytes the fitted state will take, estimated before fitting (for ``Analysis.plan()``)."""
         return 0

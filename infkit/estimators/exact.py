@@ -80,6 +80,15 @@ class Exact(Estimator):
             f"{hint}, or raise max_params= if you have the memory"
         )
 
+    def fuses_train_side(self, fisher: str) -> bool:
+        return fisher == "empirical"  # the fit pass computes every train gradient, which is exact's train side
+
+    def describe_factors(self) -> str:
+        forms = self.forms or ["dense"] * len(self.blocks)
+        counts = {form: forms.count(form) for form in ("dense", "lowrank") if form in forms}
+        parts = [f"{k} dense" if form == "dense" else f"{k} low-rank (Woodbury, n x P)" for form, k in counts.items()]
+        return f"{len(self.blocks)} block(s): " + ", ".join(parts)
+
     def planned_factor_bytes(self, n_train: int) -> int:
         forms = self.forms or ["dense"] * len(self.blocks)
         return sum(8 * size * (n_train if form == "lowrank" else 2 * size)
@@ -113,8 +122,14 @@ class Exact(Estimator):
                      for b, (size, form) in enumerate(zip(self.block_sizes, self.forms)) if form == "lowrank"}
         if passes.fisher == "empirical":
             for cb in passes.iterate("true", desc="exact: empirical Fisher"):
-                g = self.flatten({name: cb.grads(name) for name in self.layers}).double() / n**0.5
-                self._accumulate(g, rows_at=torch.as_tensor(cb.indices, device=device))
+                grads = {name: cb.grads(name) for name in self.layers}
+                self._accumulate(self.flatten(grads).double() / n**0.5,
+                                 rows_at=torch.as_tensor(cb.indices, device=device))
+                if self.train_store is not None:  # these are the train gradients: the cached train side as well
+                    for name, store in self.train_store.items():
+                        store[cb.indices] = grads[name].to(store.dtype)
+            if self.train_store is not None:
+                self.fused_train_side, self.train_store = self.train_store, None
         else:
             for indices in passes.batches(desc="exact: GGN"):
                 self._accumulate_ggn(passes, indices)
