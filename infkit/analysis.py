@@ -281,6 +281,10 @@ class Analysis:
         self._require_fit("self_influence()")
         if self._self_influence is not None:
             return self._self_influence.clone()
+        values = self._self_influence_from_cache()
+        if values is not None:
+            self._self_influence = values
+            return values.clone()
         values = torch.zeros(self.n_train)
         for cb in self._train_passes.iterate("true", desc="self-influence"):
             grads = {name: cb.grads(name) for name in self.layers}
@@ -289,6 +293,20 @@ class Analysis:
             values[cb.indices] = total.cpu().to(torch.float32)
         self._self_influence = values
         return values.clone()
+
+    def _self_influence_from_cache(self, chunk: int = 256) -> torch.Tensor | None:
+        """Self-influence from a float32 cache of raw train gradients (identity, exact, LiSSA): no pass over the
+        data. None when the cache holds something else (or is bfloat16, too coarse for it)."""
+        store = self.cache.train_side if self.cache is not None else None
+        if store is None or not self.estimator.train_side_is_raw or self.cache_dtype != torch.float32:
+            return None
+        values = torch.zeros(self.n_train)
+        for start in range(0, self.n_train, chunk):
+            grads = {name: store[name][start : start + chunk] for name in self.layers}
+            query_side = self.estimator.query_side(grads)
+            total = sum((query_side[n].flatten(1) * grads[n].flatten(1)).sum(dim=1) for n in self.layers)
+            values[start : start + chunk] = total.cpu().to(torch.float32)
+        return values
 
     def token_scores(self, q: int, i: int, result: InfluenceResult | None = None) -> TokenScores:
         """Per-token contributions s_tᵀ Ṽ_q a_t of train example i to query q of ``result`` (default: the last

@@ -67,6 +67,10 @@ class Estimator:
     # A score is Σ_layers ⟨query_side(∇f), train_side(∇L)⟩. By default the query side is preconditioned and the
     # train side is the raw gradient; an estimator whose preconditioning is cheaper on the train side (EK-FAC:
     # rotate once, divide by Λ + λ, cache) overrides both. The train side is what the train cache stores.
+    #: Whether train_side() is the raw gradient (not overridden): the cached train side then holds every train
+    #: gradient, and self-influence can be computed from it without another pass over the data.
+    train_side_is_raw = True
+
     def query_side(self, grads: Grads) -> Grads:
         return self.precondition(grads)
 

@@ -93,6 +93,8 @@ class DataInf(Estimator):
 
     # The approximate inverse is symmetric, so ⟨P v, g⟩ = ⟨v, P g⟩: precondition the train side once (it is cached)
     # and leave queries raw — a new query then costs one backward and one matrix product per layer.
+    train_side_is_raw = False
+
     def query_side(self, grads: Grads) -> Grads:
         return dict(grads)
 

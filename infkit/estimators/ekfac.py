@@ -87,6 +87,8 @@ class KroneckerEigenbasis(Estimator):
 
     # Scores in the eigenbasis: ⟨Q_Sᵀ Vq Q_A, (Q_Sᵀ ΣW Q_A) ⊘ (Λ + λ)⟩ = ⟨Vq, (G + λI)⁻¹ ΣW⟩, since the rotation is
     # orthogonal. The train side (rotated, divided) is computed once and cached; a query only needs rotating.
+    train_side_is_raw = False
+
     def query_side(self, grads: Grads) -> Grads:
         return {name: self.rotate(name, v.double()).to(v.dtype) for name, v in grads.items()}
 

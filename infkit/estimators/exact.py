@@ -20,7 +20,8 @@ Note:
       which is exact and costs n·P_b memory and one n × n Cholesky factor — this is what makes the exact
       empirical-Fisher inverse affordable on the hundreds of thousands of parameters of a LoRA adapter.
 
-    λ: a float, a per-layer dict, or by default 0.1 · trace(G) / P (a tenth of the mean eigenvalue).
+    λ: a float, a per-layer dict, or by default a tenth of the mean eigenvalue — 0.1 · trace(G_l) / P_l of each
+    layer's block with ``block_diagonal=True``, 0.1 · trace(G) / P of the whole matrix otherwise.
     Memory is capped at ``max_params²`` float64 entries in all (Σ P_b² dense, n·P_b low rank), i.e. a dense
     ``max_params × max_params`` matrix; above it the estimator refuses with the sizes.
 """
@@ -174,11 +175,13 @@ class Exact(Estimator):
 
     # -- damping and solves ------------------------------------------------------------------------------------
     def _set_damping(self) -> None:
-        trace = sum(float(torch.diagonal(g).sum()) for g in self.dense.values())
-        trace += sum(float(x.square().sum()) for x in self.rows.values())
-        heuristic = 0.1 * trace / self.n_params
-        for name in self.layers:
-            self.resolve_damping(name, heuristic)
+        # 0.1 × the mean eigenvalue of each block: a layer's own with block_diagonal=True (as EK-FAC, DataInf and
+        # LiSSA do, so a layer's λ does not depend on which other layers are tracked), else the whole G's
+        for b, (block, size) in enumerate(zip(self.blocks, self.block_sizes)):
+            matrix_trace = torch.diagonal(self.dense[b]).sum() if b in self.dense else self.rows[b].square().sum()
+            trace = float(matrix_trace)
+            for name in block:
+                self.resolve_damping(name, 0.1 * trace / size)
         self._factorize()
 
     def _diagonal(self, block: list[str], device) -> torch.Tensor:

@@ -82,6 +82,9 @@ class LiSSA(Estimator):
         self.power_iteration_top: dict[str, float] = {}  # largest eigenvalue of G + Λ per layer (power iteration)
         self.seed = 0
 
+    def fuses_train_side(self, fisher: str) -> bool:
+        return fisher == "empirical"  # the stored Fisher gradients are then the train gradients, the train side
+
     def planned_factor_bytes(self, n_train: int) -> int:
         element = 8 if next(iter(self.layers.values())).module.weight.dtype == torch.float64 else 4
         return element * n_train * self.n_params
@@ -125,6 +128,10 @@ class LiSSA(Estimator):
                 g = cb.grads(name)
                 parts[name].append(g.reshape(g.shape[0], -1).to(stored_dtype(g.dtype)))
         flat = {name: torch.cat(parts.pop(name)) for name in list(parts)}
+        if self.train_store is not None and passes.fisher == "empirical":  # these are the train gradients
+            for name, store in self.train_store.items():
+                store.copy_(flat[name].reshape(store.shape).to(store.dtype))
+            self.fused_train_side, self.train_store = self.train_store, None
         n = passes.n
         for name, g in flat.items():
             self.resolve_damping(name, DAMPING_FRACTION * float(g.double().square().sum()) / (n * g.shape[1]))
