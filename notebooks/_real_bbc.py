@@ -114,13 +114,15 @@ def fine_tune(model, examples: list[dict], epochs: int, lr: float, batch_size: i
 
 
 @torch.no_grad()
-def predict(model, examples: list[dict], batch_size: int = 50) -> np.ndarray:
-    out = []
+def batched_logits(model, examples: list[dict], batch_size: int = 50):
+    """(batch, logits) for consecutive batches of the examples, without gradients."""
     for start in range(0, len(examples), batch_size):
         batch = batch_of(examples[start : start + batch_size])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(logits.argmax(-1))
-    return torch.cat(out).numpy()
+        yield batch, model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def predict(model, examples: list[dict]) -> np.ndarray:
+    return torch.cat([logits.argmax(-1) for _, logits in batched_logits(model, examples)]).numpy()
 
 
 def tracked_layers(an: Analysis) -> list[list]:
@@ -140,15 +142,10 @@ def tracked_layers(an: Analysis) -> list[list]:
 
 
 # -- 3. the measurement ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def example_losses(model, examples: list[dict], batch_size: int = 50) -> np.ndarray:
+def example_losses(model, examples: list[dict]) -> np.ndarray:
     """Each train example's cross-entropy under its (noisy) label: the no-influence baseline for the ranking."""
-    out = []
-    for start in range(0, len(examples), batch_size):
-        batch = batch_of(examples[start : start + batch_size])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none"))
-    return torch.cat(out).numpy()
+    return torch.cat([torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+                      for batch, logits in batched_logits(model, examples)]).numpy()
 
 
 @dataclass
