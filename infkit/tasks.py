@@ -112,25 +112,13 @@ class Classification(Task):
     tokenizer: Any = None
     pad_token_id: int | None = None
 
-    def _pad_id(self) -> int:
-        if self.pad_token_id is not None:
-            return self.pad_token_id
-        return int(getattr(self.tokenizer, "pad_token_id", None) or 0)
-
     def _pad_tokens(self, examples) -> dict[str, torch.Tensor]:
         """Right-pad variable-length token dicts: input_ids with the pad id, masks and type ids with 0."""
         rows = [{k: torch.as_tensor(v) for k, v in ex.items() if k != "labels"} for ex in examples]
-        length = max(r["input_ids"].shape[0] for r in rows)
-        batch: dict[str, torch.Tensor] = {}
-        for key in rows[0]:
-            fill = self._pad_id() if key == "input_ids" else 0
-            batch[key] = torch.full((len(rows), length), fill, dtype=rows[0][key].dtype)
-            for i, r in enumerate(rows):
-                batch[key][i, : r[key].shape[0]] = r[key]
+        pad = _pad_id(self.pad_token_id, self.tokenizer)
+        batch = {key: _right_pad([r[key] for r in rows], pad if key == "input_ids" else 0) for key in rows[0]}
         if "attention_mask" not in batch:
-            batch["attention_mask"] = torch.zeros((len(rows), length), dtype=torch.long)
-            for i, r in enumerate(rows):
-                batch["attention_mask"][i, : r["input_ids"].shape[0]] = 1
+            batch["attention_mask"] = _right_pad([torch.ones_like(r["input_ids"]) for r in rows], 0)
         batch["labels"] = torch.as_tensor([int(ex["labels"]) for ex in examples], dtype=torch.long)
         return batch
 
@@ -198,16 +186,6 @@ class CausalLM(Task):
     pad_token_id: int | None = None
     max_length: int | None = None
 
-    def _pad_id(self) -> int:
-        if self.pad_token_id is not None:
-            return self.pad_token_id
-        tok = self.tokenizer
-        if tok is not None:
-            for attr in ("pad_token_id", "eos_token_id"):
-                if getattr(tok, attr, None) is not None:
-                    return int(getattr(tok, attr))
-        return 0
-
     def _encode(self, example) -> dict[str, torch.Tensor]:
         if isinstance(example, str):
             ids = self._tokenize(example)
@@ -265,18 +243,12 @@ class CausalLM(Task):
         encoded = [self._encode(ex) for ex in examples]
         if self.max_length is not None:
             encoded = [self._truncate(e, ex) for e, ex in zip(encoded, examples)]
-        length = max(e["input_ids"].numel() for e in encoded)
-        pad = self._pad_id()
-        batch_size = len(encoded)
-        input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
-        attention = torch.zeros((batch_size, length), dtype=torch.long)
-        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-        for row, e in enumerate(encoded):
-            n = e["input_ids"].numel()
-            input_ids[row, :n] = e["input_ids"]
-            attention[row, :n] = e.get("attention_mask", torch.ones(n, dtype=torch.long))
-            labels[row, :n] = e["labels"]
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        return {
+            "input_ids": _right_pad([e["input_ids"] for e in encoded], _pad_id(self.pad_token_id, self.tokenizer)),
+            "attention_mask": _right_pad(
+                [e.get("attention_mask", torch.ones_like(e["input_ids"])).long() for e in encoded], 0),
+            "labels": _right_pad([e["labels"] for e in encoded], IGNORE_INDEX),
+        }
 
     def forward(self, model, batch):
         return _logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
@@ -307,6 +279,24 @@ class CausalLM(Task):
         valid = (targets != IGNORE_INDEX).to(logits.dtype)
         root = _softmax_hessian_root(logits) * valid[..., None, None]
         return logits, root
+
+
+def _pad_id(pad_token_id: int | None, tokenizer: Any) -> int:
+    """The id that pads token batches: the task's ``pad_token_id``, else the tokenizer's pad, else its eos, else 0."""
+    if pad_token_id is not None:
+        return pad_token_id
+    for attr in ("pad_token_id", "eos_token_id"):
+        if getattr(tokenizer, attr, None) is not None:
+            return int(getattr(tokenizer, attr))
+    return 0
+
+
+def _right_pad(sequences: list[torch.Tensor], fill: int) -> torch.Tensor:
+    """1-D tensors of different lengths -> [B, longest], right-padded with ``fill`` (dtype of the first)."""
+    out = torch.full((len(sequences), max(t.shape[0] for t in sequences)), fill, dtype=sequences[0].dtype)
+    for row, t in enumerate(sequences):
+        out[row, : t.shape[0]] = t
+    return out
 
 
 def _stack(values: list[Any], key: str) -> torch.Tensor:

@@ -156,12 +156,7 @@ class LiSSA(Estimator):
                 y = self._product(x, stack) + lam * x
                 tops[k] = (x * y).sum(dim=(1, 2))  # Rayleigh quotient per block [L_g]
                 xs[k] = y
-        top = {}
-        for group, values in zip(self.groups, tops):
-            for name, value in zip(group, values.tolist()):
-                top[name] = value
-        if not self.block_diagonal:
-            top = dict.fromkeys(self.layers, float(tops[0][0]))
+        top = self._per_layer(tops)
         self.power_iteration_top = top
         bound = self._batch_eigenvalue_bound()
         self.scales = {name: max(SCALE_MARGIN * top[name], STABILITY_MARGIN * bound[name]) for name in top}
@@ -177,13 +172,14 @@ class LiSSA(Estimator):
         can draw: λ_max(G_B) ≤ trace(G_B) = mean_{i∈B} ‖g_i‖² ≤ the mean of the |B| largest ‖g_i‖²."""
         batch = min(self.minibatch, self.stacks[0].shape[1])
         per_group = [stack.double().square().sum(dim=2).topk(batch, dim=1).values.mean(dim=1) for stack in self.stacks]
-        bound = {}
-        for group, values in zip(self.groups, per_group):
-            for name, value in zip(group, values.tolist()):
-                bound[name] = value
+        return {name: value + self.damping_used[name] for name, value in self._per_layer(per_group).items()}
+
+    def _per_layer(self, per_group: list[torch.Tensor]) -> dict[str, float]:
+        """One number per block ([L_g] per group) -> {layer: number}; joint, the single block's for every layer."""
         if not self.block_diagonal:
-            bound = dict.fromkeys(self.layers, float(per_group[0][0]))
-        return {name: value + self.damping_used[name] for name, value in bound.items()}
+            return dict.fromkeys(self.layers, float(per_group[0][0]))
+        return {name: value for group, values in zip(self.groups, per_group)
+                for name, value in zip(group, values.tolist())}
 
     # -- precondition -------------------------------------------------------------------------------------------
     def precondition(self, grads: Grads) -> Grads:
