@@ -1,6 +1,6 @@
 """The ``infkit`` command (also ``python -m infkit``).
 
-    infkit report [--out build/infkit-report.html] [--analysis SAVED] [--cache-dir DIR] [--retrain] [-k 5]
+    infkit report [--out build/infkit-report.html] [--mkdir] [--analysis SAVED] [--cache-dir DIR] [--retrain] [-k 5]
 
 ``report`` runs the demo's analyses (:mod:`infkit.demo.story`) and writes one self-contained HTML file. It checks
 that the output can be written before any work, shows a progress bar while it works and prints the path at the end.
@@ -25,18 +25,23 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report",
         help="run the demo analyses and write a self-contained HTML report",
-        description="Run the analyses of Grosse et al. 2023 on the embedded demo model (trained on first use, "
-        "then cached) and write one self-contained HTML file: top influences with token heatmaps, layer and "
+        description="Run the analyses of Grosse et al. 2023 on the embedded demo model (its trained weights ship "
+        "with infkit) and write one self-contained HTML file: top influences with token heatmaps, layer and "
         "sparsity plots, word order, TF-IDF filtering, EK-FAC vs DataInf vs identity, settings and timings.",
     )
-    report.add_argument("-o", "--out", default=DEFAULT_OUT, help=f"the HTML file to write (default {DEFAULT_OUT})")
+    report.add_argument("-o", "--out", default=DEFAULT_OUT, help=f"the HTML file to write (default {DEFAULT_OUT}); "
+                        "its folder must exist, unless --mkdir")
+    report.add_argument("--mkdir", action="store_true", help="create the --out file's folder (and its parents) when "
+                        "it does not exist")
     report.add_argument("--analysis", metavar="FOLDER",
                         help="a saved analysis (Analysis.save) of the demo's base model over its pretraining corpus "
                         "to use instead of fitting EK-FAC")
     report.add_argument("--cache-dir", metavar="FOLDER",
-                        help="folder for the demo model's weights (default $INFKIT_CACHE_DIR/demo-v<version>, "
-                        "else ~/.cache/infkit/demo-v<version>)")
-    report.add_argument("--retrain", action="store_true", help="train the demo model again, ignoring the cache")
+                        help="a folder of retrained demo weights (written by --retrain) to use instead of the shipped "
+                        "ones; trained there when empty")
+    report.add_argument("--retrain", action="store_true", help="train the demo model again on this machine (about "
+                        "half a minute) into --cache-dir (default $INFKIT_CACHE_DIR/demo-v<version>, else "
+                        "~/.cache/infkit/demo-v<version>); its numbers then differ slightly from the shipped model's")
     report.add_argument("-k", type=int, default=5, help="proponents and opponents shown per query (default 5)")
     report.add_argument("--query", nargs=2, action="append", metavar=("PROMPT", "COMPLETION"),
                         help="a prompt/completion query to show instead of the four default ones (repeatable), "
@@ -52,7 +57,7 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 def report(args: argparse.Namespace) -> Path:
     from infkit.ui.report import check_writable
 
-    out = check_writable(args.out)  # before any work
+    out = check_writable(args.out, mkdir=args.mkdir)  # before any work
     if args.k < 1:
         raise InfkitError(f"-k must be >= 1, got {args.k}")
     queries = None
@@ -90,7 +95,8 @@ def report(args: argparse.Namespace) -> Path:
     progress(steps[0])
     t = time.perf_counter()
     models = load(args.cache_dir, retrain=args.retrain, verbose=False, progress=train_progress)
-    before = {f"load the demo model ({'from the cache' if models.source == 'cache' else 'trained now'})":
+    source = {"shipped": "the shipped weights", "cache": "from the cache"}.get(models.source, "trained now")
+    before = {f"load the demo model ({source})":
               time.perf_counter() - t}
     for message in models.messages:
         if "cannot" not in message:  # the warnings already said those

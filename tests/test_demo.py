@@ -1,8 +1,8 @@
-"""The embedded demo: a deterministic corpus, a word-level tokenizer, a cached model that recovers from a bad cache,
-and the analyses of Grosse et al. on it.
+"""The embedded demo: a deterministic corpus, a word-level tokenizer, shipped weights that load with their checksums,
+a retrain cache that recovers from damage, and the analyses of Grosse et al. on it.
 
-The demo model is loaded from the user's cache (``$INFKIT_CACHE_DIR`` or ``~/.cache/infkit``), trained there on
-first use (about half a minute), so the report, the notebook and these tests share one copy.
+The demo model is the one shipped in the package (``infkit/demo/weights``), so the report, the notebooks and these
+tests use the same bytes on every machine.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from infkit import Analysis, InfkitError, demo, tasks
+from infkit.demo import _weights as demo_weights
 from infkit.demo import model as demo_model
 from infkit.demo import story
 
@@ -31,7 +32,7 @@ def models():
 @pytest.fixture(scope="module")
 def fitted(models):
     with demo.single_thread():
-        return story.pretraining_analysis(models).fit()
+        return story.pretraining_analysis(models, progress=False).fit()
 
 
 # -- corpus and tokenizer -------------------------------------------------------------------------------------------
@@ -70,20 +71,57 @@ def test_tokenizer_round_trip_and_word_tokens():
     assert tok.pad_token == "<pad>" and tok.eos_token == "<eos>"
 
 
-# -- the cache -------------------------------------------------------------------------------------------------------
-def test_cache_is_reused_and_the_model_knows_its_facts(models, tmp_path):
+# -- the shipped weights and the retrain cache ----------------------------------------------------------------------
+def test_shipped_weights_load_and_the_model_knows_its_facts(models):
+    assert models.source == "shipped" and models.cache_path.parent == demo_weights.SHIPPED
     again = demo.load(verbose=False)
-    assert again.source == "cache" and again.cache_path == models.cache_path
     for (n1, p1), (n2, p2) in zip(models.base.state_dict().items(), again.base.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
     manifest = json.loads((models.cache_path / "manifest.json").read_text())
     assert manifest["version"] == demo.VERSION
+    assert set(manifest["files"]) == set(demo_model.FILES)
+    assert sum((models.cache_path / f).stat().st_size for f in demo_model.FILES) < 2_000_000, "small enough to ship"
     acc = models.train_info["accuracy"]
     assert acc["base: capitals"] == "24/24" and acc["base: capitals, flipped"] == "24/24"
     assert acc["base: currencies (not taught)"].startswith("0/")
     assert int(acc["LoRA: currencies"].split("/")[0]) >= 20
     assert demo.next_word(again.base, again.tokenizer, "The capital of Veloria is") == " Parth"
     assert demo.next_word(again.lora, again.tokenizer, "The currency of Veloria is the") == " dram"
+    assert "cache=" not in repr(models), "the repr of the shipped model names no machine-dependent path"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "edited manifest"])
+def test_damaged_shipped_weights_are_refused_with_the_fix(models, tmp_path, monkeypatch, damage):
+    """Shipped weights are never silently replaced by a retrain (that would give other numbers): a clear error."""
+    shipped = tmp_path / "weights"
+    shutil.copytree(demo_weights.SHIPPED, shipped)
+    folder = shipped / demo_model.SHIPPED_NAME
+    if damage == "truncated":
+        data = (folder / "base.safetensors").read_bytes()
+        (folder / "base.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "missing":
+        (folder / "lora.safetensors").unlink()
+    else:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["recipe"]["base_epochs"] = 1
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(demo_weights, "SHIPPED", shipped)
+    calls = _stub_training(monkeypatch, models)
+    with pytest.raises(demo.ShippedWeightsError, match="cannot be used.*Reinstall infkit.*retrain=True"):
+        demo.load(verbose=False)
+    assert calls == [], "no silent retrain"
+
+
+def test_retrain_gives_the_same_bytes_twice_on_one_machine(tmp_path):
+    """``load(retrain=True)`` trains on this machine; twice gives the same bytes (seeded, one thread). A short recipe
+    (2 epochs) keeps this fast; the demo's own recipe trains the same way (``make weights`` writes the shipped one)."""
+    recipe = demo.Recipe(base_epochs=2, lora_epochs=2)
+    first = demo.load(tmp_path / "a", retrain=True, verbose=False, recipe=recipe)
+    second = demo.load(tmp_path / "b", retrain=True, verbose=False, recipe=recipe)
+    assert first.source == second.source == "trained"
+    for name in demo_model.FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert demo.load(tmp_path / "a", verbose=False, recipe=recipe).source == "cache"
 
 
 def test_cache_dir_env_variable(monkeypatch, tmp_path):
@@ -126,17 +164,18 @@ def _stub_training(monkeypatch, models):
 
 @pytest.mark.parametrize("damage", ["old version", "other corpus", "bad json", "missing file"])
 def test_old_or_broken_cache_is_retrained(models, tmp_path, monkeypatch, damage):
+    """A retrain cache (not the shipped weights) that cannot be used is retrained and written back."""
     cache = tmp_path / "demo"
     shutil.copytree(models.cache_path, cache)
     manifest = json.loads((cache / "manifest.json").read_text())
     if damage == "old version":
         manifest["version"] = "0"
         (cache / "manifest.json").write_text(json.dumps(manifest))
-        expected = "demo version '0'"
+        expected = "version '0'"
     elif damage == "other corpus":
         manifest["corpus_sha256"] = "0" * 64
         (cache / "manifest.json").write_text(json.dumps(manifest))
-        expected = "another corpus"
+        expected = "other data"
     elif damage == "bad json":
         (cache / "manifest.json").write_text("{not json")
         expected = "not valid JSON"

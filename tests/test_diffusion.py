@@ -182,7 +182,7 @@ def test_conv_ekfac_factors_eigenvalues_and_inverse_equal_dense_brute_force():
 
 
 def test_kfac_on_convs_scales_by_positions():
-    """K-FAC's block is T̄ · S ⊗ A with T̄ = output positions per example (DESIGN.md §2)."""
+    """K-FAC's block is T̄ · S ⊗ A with T̄ = output positions per example (docs/design.md §2)."""
     model, data = conv_net(), conv_data()
     est = Analysis(model, tasks.Classification(), data, estimator="kfac", fisher="empirical",
                    progress=False).fit().estimator
@@ -456,13 +456,15 @@ def test_image_grid_static_html_is_self_contained_and_deterministic():
 
 
 def test_demo_data_is_deterministic_and_the_cache_retrains_when_corrupt(tmp_path):
-    from infkit import demo_diffusion as dd
+    from infkit.demo import diffusion as dd
 
     recipe = dd.Recipe(plain_per_class=3, style_per_class=1, base_steps=2, lora_steps=2, batch_size=4)
     first, second = dd.build_dataset(recipe), dd.build_dataset(recipe)
     assert first.fingerprint() == second.fingerprint() and len(first) == 16
     assert first.style_share == 0.25
     assert dd.build_dataset().style_share == 0.2
+    shipped = dd.load(verbose=False)
+    assert shipped.source == "shipped" and shipped.cache_path.name == dd.SHIPPED_NAME
     trained = dd.load(tmp_path / "demo", recipe=recipe, verbose=False)
     assert trained.source == "trained"
     assert all(re.search(r"\.lora_[AB]\.stripes$", n) for n in find_layers(trained.lora))

@@ -1,11 +1,11 @@
 """The embedded default: a small language model, its corpus and the analyses of Grosse et al. 2023, offline.
 
     from infkit import demo
-    models = demo.load()          # trains once (~30 s on a CPU core), then loads from ~/.cache/infkit in ~1 s
-    story = demo.run(models)      # every analysis of the report, through the public API
+    models = demo.load()          # the trained weights shipped with infkit, in about a second
+    story = demo.story.run(models)  # every analysis of the report, through the public API
 
-See :mod:`infkit.demo.corpus` for what the model learns, :mod:`infkit.demo.model` for training and the cache, and
-:mod:`infkit.demo.story` for the analyses.
+See :mod:`infkit.demo.corpus` for what the model learns, :mod:`infkit.demo.model` for the shipped weights and
+retraining, :mod:`infkit.demo.story` for the analyses, and :mod:`infkit.demo.diffusion` for the diffusion demo.
 """
 
 from infkit.demo.corpus import Corpus, Country, Example
@@ -16,6 +16,7 @@ from infkit.demo.model import (
     DemoCacheWarning,
     DemoModels,
     Recipe,
+    ShippedWeightsError,
     cache_path,
     cache_root,
     load,
@@ -26,6 +27,6 @@ from infkit.demo.tokenizer import build_tokenizer, token_strings
 
 __all__ = [
     "CACHE_ENV", "VERSION", "Corpus", "Country", "DemoCacheWarning", "DemoModels", "Example", "Recipe",
-    "build_corpus", "build_tokenizer", "cache_path", "cache_root", "load", "next_word", "single_thread",
-    "token_strings",
+    "ShippedWeightsError", "build_corpus", "build_tokenizer", "cache_path", "cache_root", "load", "next_word",
+    "single_thread", "token_strings",
 ]

@@ -1,25 +1,24 @@
 """The demo's models: a small GPT-2 trained on the pretraining corpus, then a LoRA adapter fine-tuned on currencies.
 
-Both are built from configs and trained here (no download): about 20 s for the base model and 6 s for the adapter
-on one CPU core. The trained weights are cached under :func:`cache_root` (``$INFKIT_CACHE_DIR``, else
-``$XDG_CACHE_HOME/infkit``, else ``~/.cache/infkit``) in a folder named by :data:`VERSION`, with a manifest holding
-the corpus fingerprint and a sha256 of every file. A later :func:`load` reads them back in about a second.
+Both are built from configs (no download). Their trained weights ship with infkit (``infkit/demo/weights/text-v1``,
+about 0.6 MB, with a manifest holding the corpus fingerprint, the recipe and a sha256 of every file), so
+:func:`load` gives the same model on every machine in about a second, and the documented numbers hold everywhere.
 
-A cache that cannot be used — a corrupt or truncated file, a manifest from another version or another corpus, a
-folder that cannot be written — never stops the demo: it retrains and says why (a :class:`DemoCacheWarning`).
-Training is deterministic: seeded, on one thread (which is also the fastest for a model this small).
+Training stays available: ``load(retrain=True)`` trains both on this machine (about 20 s for the base model and 6 s
+for the adapter on one CPU core) and writes them under :func:`cache_root` (``$INFKIT_CACHE_DIR``, else
+``$XDG_CACHE_HOME/infkit``, else ``~/.cache/infkit``); ``load(cache_dir=...)`` reads such a folder back. Training is
+deterministic on one machine (seeded, one thread) but not across CPUs: another CPU's kernels round the last bits
+differently and 120 epochs amplify that into another model. A cache folder that cannot be used — a corrupt or
+truncated file, a manifest from another version or another corpus, a folder that cannot be written — retrains and
+says why (a :class:`DemoCacheWarning`). ``make weights`` (``scripts/ship_weights.py``) retrains the shipped folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import os
-import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,19 +27,17 @@ from typing import Any
 
 import torch
 
+from infkit.demo import _weights
+from infkit.demo._weights import CACHE_ENV, DemoCacheWarning, ShippedWeightsError, cache_root  # noqa: F401
 from infkit.demo.corpus import Corpus
 from infkit.demo.corpus import build as build_corpus
 from infkit.demo.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 
-#: Bump whenever the corpus, tokenizer, architecture or training recipe changes: older caches are then retrained.
+#: Bump whenever the corpus, tokenizer, architecture or training recipe changes (and ship the retrained weights).
 VERSION = "1"
-CACHE_ENV = "INFKIT_CACHE_DIR"
-MANIFEST = "manifest.json"
 FILES = ("tokenizer.json", "base.safetensors", "lora.safetensors")
-
-
-class DemoCacheWarning(UserWarning):
-    """The cached demo model could not be used or written; the demo retrained (or keeps the model in memory)."""
+#: The folder of the shipped weights, under ``infkit/demo/weights``.
+SHIPPED_NAME = f"text-v{VERSION}"
 
 
 @dataclass(frozen=True)
@@ -72,30 +69,21 @@ class DemoModels:
     base: torch.nn.Module  # GPT2LMHeadModel, eval mode
     lora: torch.nn.Module  # peft PeftModel around a copy of the base, adapter "default" active, eval mode
     recipe: Recipe
-    source: str  # "cache" or "trained"
+    source: str  # "shipped" (the package's weights), "cache" (a retrained folder) or "trained" (just now)
     cache_path: Path | None  # where the weights live (None when the cache could not be written)
     train_info: dict[str, Any] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
-        where = str(self.cache_path) if self.cache_path else "memory only"
+        where = "" if self.source == "shipped" else f", cache={str(self.cache_path or 'memory only')!r}"
         return (
             f"DemoModels(version={VERSION!r}, source={self.source!r}, vocab={len(self.tokenizer)}, "
-            f"pretrain={len(self.corpus.pretrain)}, finetune={len(self.corpus.finetune)}, cache={where!r})"
+            f"pretrain={len(self.corpus.pretrain)}, finetune={len(self.corpus.finetune)}{where})"
         )
 
 
-def cache_root() -> Path:
-    """``$INFKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/infkit``, else ``~/.cache/infkit``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "infkit"
-    return Path.home() / ".cache" / "infkit"
-
-
 def cache_path(root: str | os.PathLike | None = None) -> Path:
-    """The folder of this version's demo weights."""
+    """The folder where :func:`load` caches retrained weights of this version (``<cache_root()>/demo-v1``)."""
     return Path(root).expanduser() if root is not None else cache_root() / f"demo-v{VERSION}"
 
 
@@ -255,76 +243,33 @@ def accuracy(corpus: Corpus, tokenizer, base, lora) -> dict[str, str]:
     }
 
 
-# -- the cache ---------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
+# -- the weights: shipped, or retrained into a cache folder -----------------------------------------------------
 def _lora_state(lora) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in lora.named_parameters() if p.requires_grad}
+
+
+def _expected(corpus: Corpus, recipe: Recipe) -> dict[str, Any]:
+    return {"version": VERSION, "corpus_sha256": corpus.fingerprint(), "recipe": asdict(recipe)}
 
 
 def save(path: Path, corpus: Corpus, recipe: Recipe, tokenizer, base, lora, info: dict[str, Any]) -> Path:
     """Write the demo weights to ``path`` atomically (a temporary sibling folder renamed into place)."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_tokenizer(tokenizer, tmp / "tokenizer.json")
+    def write(folder: Path) -> None:
+        save_tokenizer(tokenizer, folder / "tokenizer.json")
         save_file({k: v.detach().contiguous() for k, v in base.state_dict().items() if k != "lm_head.weight"},
-                  str(tmp / "base.safetensors"))
-        save_file(_lora_state(lora), str(tmp / "lora.safetensors"))
-        manifest = {
-            "version": VERSION,
-            "corpus_sha256": corpus.fingerprint(),
-            "recipe": asdict(recipe),
-            "files": {name: _sha256(tmp / name) for name in FILES},
-            "train_info": info,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        try:
-            tmp.rename(path)
-        except OSError:
-            if not (path / MANIFEST).exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process saved the same weights meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+                  str(folder / "base.safetensors"))
+        save_file(_lora_state(lora), str(folder / "lora.safetensors"))
+
+    return _weights.write_folder(path, FILES, write, {**_expected(corpus, recipe), "train_info": info})
 
 
 def read(path: Path, corpus: Corpus, recipe: Recipe):
-    """Load cached weights; raise ``ValueError`` saying why they cannot be used."""
+    """Load the weights in ``path``; raise ``ValueError`` saying why they cannot be used."""
     from safetensors.torch import load_file
 
-    manifest_file = path / MANIFEST
-    if not manifest_file.exists():
-        raise ValueError(f"no {MANIFEST} in {path}")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{manifest_file} is not valid JSON ({err})") from err
-    if manifest.get("version") != VERSION:
-        raise ValueError(f"it was written by demo version {manifest.get('version')!r}, this is version {VERSION!r}")
-    if manifest.get("corpus_sha256") != corpus.fingerprint():
-        raise ValueError("it was trained on another corpus")
-    if manifest.get("recipe") != json.loads(json.dumps(asdict(recipe))):
-        raise ValueError("it was trained with other settings")
-    for name in FILES:
-        file = path / name
-        if not file.exists():
-            raise ValueError(f"{name} is missing")
-        if _sha256(file) != manifest.get("files", {}).get(name):
-            raise ValueError(f"{name} does not match its checksum (corrupt or truncated)")
+    manifest = _weights.check_folder(path, FILES, _expected(corpus, recipe))
     tokenizer = load_tokenizer(path / "tokenizer.json")
     base = new_base(tokenizer, recipe)
     state = load_file(str(path / "base.safetensors"))
@@ -345,22 +290,24 @@ def read(path: Path, corpus: Corpus, recipe: Recipe):
 
 def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verbose: bool = True,
          progress: Callable[[str, int, int], None] | None = None, recipe: Recipe | None = None) -> DemoModels:
-    """The demo models: from the cache when it holds this version's weights, else trained (and cached).
+    """The demo models: by default the weights shipped with infkit, the same bytes on every machine.
 
     Args:
-        cache_dir: the folder for this version's weights; default ``cache_path()`` (``$INFKIT_CACHE_DIR`` ...).
-        retrain: ignore the cache and train again (then overwrite it).
+        cache_dir: a folder of retrained weights (written by an earlier ``load(retrain=True, cache_dir=...)``):
+            loaded when it holds this version's weights, else trained there. Default: the shipped weights.
+        retrain: train again on this machine (about half a minute on one core) and write the weights to
+            ``cache_dir`` (default :func:`cache_path`). Training is deterministic on one machine, but another CPU's
+            kernels round differently and 120 epochs amplify that: the numbers then differ from the documented ones.
         verbose: print what happens (loaded / training / saved) to stdout.
         progress: called as ``progress(stage, done, total)`` during training (for progress bars).
-        recipe: other training settings (e.g. fewer epochs for a quick test); a cache made with other settings is
-            retrained. Default :class:`Recipe`, the demo's.
+        recipe: other training settings (e.g. fewer epochs for a quick test): always trained, and cached in
+            ``cache_dir``; the shipped weights are the default :class:`Recipe`'s.
 
-    A cache that cannot be read or written makes it retrain or keep the model in memory, with a
-    :class:`DemoCacheWarning` saying why.
+    A cache folder that cannot be read or written makes it retrain or keep the model in memory, with a
+    :class:`DemoCacheWarning` saying why. Damaged shipped weights raise :class:`~infkit.demo.ShippedWeightsError`.
     """
     corpus = build_corpus()
     recipe = recipe or Recipe()
-    path = cache_path(cache_dir)
     messages: list[str] = []
 
     def say(text: str, warn: bool = False) -> None:
@@ -370,6 +317,13 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
         elif verbose:
             print(text, flush=True)
 
+    if not retrain and cache_dir is None and recipe == Recipe():
+        start = time.perf_counter()
+        path = _weights.shipped_folder(SHIPPED_NAME, FILES, _expected(corpus, recipe))
+        tokenizer, base, lora, info = read(path, corpus, recipe)
+        say(f"infkit demo: loaded the shipped model ({SHIPPED_NAME}) in {time.perf_counter() - start:.1f} s")
+        return DemoModels(corpus, tokenizer, base, lora, recipe, "shipped", path, info, messages)
+    path = cache_path(cache_dir)
     if not retrain and path.exists():
         start = time.perf_counter()
         try:
@@ -380,7 +334,7 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
             say(f"infkit demo: loaded the cached model from {path} in {time.perf_counter() - start:.1f} s")
             return DemoModels(corpus, tokenizer, base, lora, recipe, "cache", path, info, messages)
     say(f"infkit demo: training the demo model (GPT-2, {len(corpus.pretrain)} sequences, then LoRA on "
-        f"{len(corpus.finetune)}); about half a minute, once")
+        f"{len(corpus.finetune)}); about half a minute")
     tokenizer, base, lora, info = train(corpus, recipe, progress)
     saved: Path | None = None
     try:

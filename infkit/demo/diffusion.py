@@ -1,9 +1,9 @@
 """The embedded diffusion demo: coloured shapes, a tiny class-conditional UNet, and a LoRA "stripes" style, offline.
 
-    from infkit import demo_diffusion
-    demo = demo_diffusion.load()      # trains once (about 5 minutes on a CPU core), then loads from the cache in ~1 s
+    from infkit.demo import diffusion
+    demo = diffusion.load()           # the trained UNets shipped with infkit, in about a second
     demo.dataset.train                # 400 (image, class) pairs: 320 plain shapes, 80 striped ("the style subset")
-    images = demo_diffusion.sample(demo.lora, demo.scheduler, [4, 5], seed=0)   # a striped circle and square
+    images = diffusion.sample(demo.lora, demo.scheduler, [4, 5], seed=0)   # a striped circle and square
 
 What it is:
 
@@ -23,11 +23,13 @@ What it is:
   striped, class k stays plain. The LoRA model's training data is then the whole data set, as in the DataInf
   paper's style experiment, and the style subset is 20 % of it.
 
-The weights are cached under ``$INFKIT_CACHE_DIR`` (else ``$XDG_CACHE_HOME/infkit``, else ``~/.cache/infkit`` — the
-language demo's cache root) in ``diffusion-v<VERSION>``, with a manifest holding the dataset's fingerprint, the recipe
-and a sha256 of every file. A cache that cannot be used (corrupt, truncated, another version or recipe) is retrained,
-with a :class:`DemoCacheWarning`; a folder that cannot be written keeps the model in memory. Training is
-deterministic: seeded generators for the data order, timesteps and noise, and a fixed number of threads.
+The trained weights ship with infkit (``infkit/demo/weights/diffusion-v1``, about 1.5 MB, with a manifest holding the
+dataset's fingerprint, the recipe and a sha256 of every file), so every machine loads the same UNets. ``load(
+retrain=True)`` trains them again (about 5 minutes on one core) into ``$INFKIT_CACHE_DIR`` (else
+``$XDG_CACHE_HOME/infkit``, else ``~/.cache/infkit``) in ``diffusion-v<VERSION>``; a cache that cannot be used
+(corrupt, truncated, another version or recipe) is retrained, with a :class:`DemoCacheWarning`; a folder that cannot
+be written keeps the model in memory. Training is deterministic on one machine (seeded generators for the data order,
+timesteps and noise, a fixed number of threads), not across CPUs: their kernels round the last bits differently.
 """
 
 from __future__ import annotations
@@ -35,12 +37,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import math
 import os
-import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,11 +48,14 @@ from typing import Any
 
 import torch
 
-#: Bump whenever the data, architecture or training recipe changes: older caches are then retrained.
+from infkit.demo import _weights
+from infkit.demo._weights import CACHE_ENV, DemoCacheWarning, cache_root  # noqa: F401
+
+#: Bump whenever the data, architecture or training recipe changes (and ship the retrained weights).
 VERSION = "1"
-CACHE_ENV = "INFKIT_CACHE_DIR"
-MANIFEST = "manifest.json"
 FILES = ("base.safetensors", "lora.safetensors")
+#: The folder of the shipped weights, under ``infkit/demo/weights``.
+SHIPPED_NAME = f"diffusion-v{VERSION}"
 
 SHAPES = ("circle", "square", "triangle", "cross")
 STYLES = ("plain", "stripes")  # class = shape + len(SHAPES) * style
@@ -67,10 +69,6 @@ COLOURS = {
 }
 BACKGROUND = (0.08, 0.08, 0.12)
 STYLE = "stripes"
-
-
-class DemoCacheWarning(UserWarning):
-    """The cached diffusion demo could not be used or written; it retrained (or keeps the model in memory)."""
 
 
 @dataclass(frozen=True)
@@ -415,7 +413,7 @@ class DiffusionDemo:
     lora: torch.nn.Module  # a copy with the "stripes" LoRA adapter (only the adapter trainable), eval mode
     scheduler: Any  # DDPMScheduler
     recipe: Recipe
-    source: str  # "cache" or "trained"
+    source: str  # "shipped" (the package's weights), "cache" (a retrained folder) or "trained" (just now)
     cache_path: Path | None
     train_info: dict[str, Any] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
@@ -428,86 +426,35 @@ class DiffusionDemo:
         )
 
 
-def cache_root() -> Path:
-    """``$INFKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/infkit``, else ``~/.cache/infkit``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "infkit"
-    return Path.home() / ".cache" / "infkit"
-
-
 def cache_path(root: str | os.PathLike | None = None) -> Path:
-    """The folder of this version's diffusion demo weights."""
+    """The folder where :func:`load` caches retrained weights of this version (``<cache_root()>/diffusion-v1``)."""
     return Path(root).expanduser() if root is not None else cache_root() / f"diffusion-v{VERSION}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _adapter_state(lora) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in lora.named_parameters() if p.requires_grad}
 
 
-def _recipe_json(recipe: Recipe) -> Any:
-    return json.loads(json.dumps(asdict(recipe)))
+def _expected(dataset: ShapesDataset, recipe: Recipe) -> dict[str, Any]:
+    return {"version": VERSION, "dataset_sha256": dataset.fingerprint(), "recipe": asdict(recipe)}
 
 
 def save(path: Path, dataset: ShapesDataset, recipe: Recipe, base, lora, info: dict[str, Any]) -> Path:
     """Write the weights to ``path`` atomically (a temporary sibling folder renamed into place)."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_file({k: v.detach().contiguous() for k, v in base.state_dict().items()}, str(tmp / "base.safetensors"))
-        save_file(_adapter_state(lora), str(tmp / "lora.safetensors"))
-        manifest = {
-            "version": VERSION,
-            "dataset_sha256": dataset.fingerprint(),
-            "recipe": _recipe_json(recipe),
-            "files": {name: _sha256(tmp / name) for name in FILES},
-            "train_info": info,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    def write(folder: Path) -> None:
+        save_file({k: v.detach().contiguous() for k, v in base.state_dict().items()}, str(folder / "base.safetensors"))
+        save_file(_adapter_state(lora), str(folder / "lora.safetensors"))
+
+    return _weights.write_folder(path, FILES, write, {**_expected(dataset, recipe), "train_info": info})
 
 
 def read(path: Path, dataset: ShapesDataset, recipe: Recipe):
-    """Load cached weights; raise ``ValueError`` saying why they cannot be used."""
+    """Load the weights in ``path``; raise ``ValueError`` saying why they cannot be used."""
     from safetensors.torch import load_file
 
-    manifest_file = path / MANIFEST
-    if not manifest_file.exists():
-        raise ValueError(f"no {MANIFEST} in {path}")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{manifest_file} is not valid JSON ({err})") from err
-    if manifest.get("version") != VERSION:
-        raise ValueError(f"it was written by diffusion demo version {manifest.get('version')!r}, not {VERSION!r}")
-    if manifest.get("dataset_sha256") != dataset.fingerprint():
-        raise ValueError("it was trained on another data set")
-    if manifest.get("recipe") != _recipe_json(recipe):
-        raise ValueError("it was trained with other settings")
-    for name in FILES:
-        file = path / name
-        if not file.exists():
-            raise ValueError(f"{name} is missing")
-        if _sha256(file) != manifest.get("files", {}).get(name):
-            raise ValueError(f"{name} does not match its checksum (corrupt or truncated)")
+    manifest = _weights.check_folder(path, FILES, _expected(dataset, recipe))
     base = new_unet(recipe)
     state = load_file(str(path / "base.safetensors"))
     missing, unexpected = base.load_state_dict(state, strict=False)
@@ -529,14 +476,15 @@ def read(path: Path, dataset: ShapesDataset, recipe: Recipe):
 
 def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verbose: bool = True,
          recipe: Recipe | None = None) -> DiffusionDemo:
-    """The demo's data, base UNet and LoRA UNet: from the cache when it holds this version's weights, else trained
-    (a few minutes on 2 CPU cores) and cached.
+    """The demo's data, base UNet and LoRA UNet: by default the weights shipped with infkit (the same bytes on every
+    machine).
 
     Args:
-        cache_dir: the folder for the weights; default ``cache_path()`` (``$INFKIT_CACHE_DIR`` ...).
-        retrain: ignore the cache and train again (then overwrite it).
+        cache_dir: a folder of retrained weights: loaded when it holds this version's weights, else trained there.
+        retrain: train again on this machine (about 5 minutes on one core) and write the weights to ``cache_dir``
+            (default :func:`cache_path`); another CPU rounds differently, so the numbers then differ slightly.
         verbose: print what happens to stdout.
-        recipe: other settings (e.g. fewer steps for a quick test); part of the cache key.
+        recipe: other settings (e.g. fewer steps for a quick test): always trained, and cached in ``cache_dir``.
     """
     recipe = recipe or Recipe()
     dataset = build_dataset(recipe)
@@ -551,6 +499,13 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
         elif verbose:
             print(text, flush=True)
 
+    if not retrain and cache_dir is None and recipe == Recipe():
+        start = time.perf_counter()
+        path = _weights.shipped_folder(SHIPPED_NAME, FILES, _expected(dataset, recipe))
+        with _quiet():
+            base, lora, info = read(path, dataset, recipe)
+        say(f"infkit diffusion demo: loaded the shipped UNets ({SHIPPED_NAME}) in {time.perf_counter() - start:.1f} s")
+        return DiffusionDemo(dataset, base, lora, scheduler, recipe, "shipped", path, info, messages)
     if not retrain and path.exists():
         start = time.perf_counter()
         try:
@@ -563,7 +518,7 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
             return DiffusionDemo(dataset, base, lora, scheduler, recipe, "cache", path, info, messages)
     say(f"infkit diffusion demo: training the UNet ({recipe.base_steps} steps on {len(dataset.indices('plain'))} "
         f"plain shapes, then LoRA {recipe.lora_steps} steps on all {len(dataset)}, half of each batch striped); "
-        "about 5 minutes, once")
+        "about 5 minutes")
     base, lora, info = train(dataset, recipe, verbose=verbose)
     saved: Path | None = None
     try:
