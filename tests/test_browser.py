@@ -239,6 +239,12 @@ def test_jupyterlab_explorer_colours_selection_and_lock(server, browser, timings
     long_ms = float(page.locator('.ikw-heatmap[data-tokens="3000"]').get_attribute("data-render-ms"))
     timings["lab: 3000-token heatmap build (ms)"] = long_ms
     assert long_ms < 500
+    # The query row has its own one-sided legend (−log p, white 0 … dark ≥ 5), not the influence colours; the top-k
+    # legend says how its scale was chosen (the 99th-percentile clip).
+    query_legend = explorer.locator(".ikw-querymap .ikw-legend").first
+    assert "ikw-seqlegend" in query_legend.get_attribute("class")
+    assert "dark ≥ 5" in query_legend.inner_text() and "proponent" not in query_legend.inner_text()
+    assert "percentile" in explorer.locator(".ikw-topk .ikw-legend").first.inner_text()
     explorer.scroll_into_view_if_needed()
     page.screenshot(path=str(OUT / "jupyterlab.png"))
     explorer.screenshot(path=str(OUT / "explorer.png"))
@@ -252,7 +258,28 @@ def test_jupyterlab_explorer_colours_selection_and_lock(server, browser, timings
     page.keyboard.press("Shift+Enter")
     page.wait_for_selector("text=/LOCKED \\[0, 1\\] 0/", timeout=20_000)
     assert not [e for e in errors if "ikw" in e or "anywidget" in e.lower()], errors
+    _comparison_table_fits_at_1280(page)
     page.close()
+
+
+def _comparison_table_fits_at_1280(page) -> None:
+    """At 1280 px with the file browser open, the comparison's agreement table is not cut off: its box ends inside
+    the notebook, and the table either fits or scrolls sideways in it."""
+    page.set_viewport_size({"width": 1280, "height": 1000})
+    if not page.locator("#filebrowser").is_visible():
+        page.locator('.jp-SideBar .lm-TabBar-tab[data-id="filebrowser"]').first.click()
+    page.locator("#filebrowser").wait_for(state="visible", timeout=5_000)
+    table = page.locator(".ikw-comparison .ikw-wide table").first
+    table.scroll_into_view_if_needed()
+    page.wait_for_timeout(300)  # the layout settles after the resize
+    box = table.evaluate("""t => {
+        const scroll = t.closest('.ik-scroll'), area = t.closest('.jp-Notebook').getBoundingClientRect();
+        return {table: t.getBoundingClientRect().right, box: scroll.getBoundingClientRect().right, area: area.right,
+                scrolls: scroll.scrollWidth > scroll.clientWidth, overflow: getComputedStyle(scroll).overflowX};
+    }""")
+    page.screenshot(path=str(OUT / "comparison_1280.png"))
+    assert box["box"] <= box["area"] + 1, f"the agreement table's box runs past the notebook: {box}"
+    assert box["table"] <= box["area"] + 1 or (box["scrolls"] and box["overflow"] in ("auto", "scroll")), box
 
 
 def test_notebook7_renders_the_heatmap(server, browser, timings):
@@ -313,6 +340,17 @@ def test_static_exports_render_offline(browser, tmp_path, timings):
         path=str(OUT / "static_export_comparison.png"))
     timings["static export: nbconvert + checks (s)"] = round(time.perf_counter() - start, 2)
     page.close()
+
+
+def test_a_10000_character_token_wraps_inside_the_query_box(browser):
+    """The report's query box (infkit.ui.html.query_box) wraps one very long token instead of growing to 185,000 px."""
+    box = H.query_box("In Velish, " + "x" * 10_000 + " is:", " lo piro", "this pair is not in the corpus.")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_content(H.page("wrap", f'<div id="box" style="width: 700px">{box}</div>'))
+    width, inner, page_width = page.evaluate("""() => { const q = document.querySelector('.ik-query');
+        return [q.scrollWidth, q.clientWidth, document.documentElement.scrollWidth]; }""")
+    page.close()
+    assert width <= inner <= 700 and page_width <= 1280
 
 
 def test_a_long_token_row_wraps_inside_its_box(browser):

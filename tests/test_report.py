@@ -52,17 +52,44 @@ def test_top_list_shares_one_scale_and_shows_raw_and_normalised():
     items = [H.TopItem(3, 10.0, "a b", [" a", " b"], [8.0, 2.0], "capital"),
              H.TopItem(7, -4.0, "c", [" c"], [-4.0])]
     out = H.top_list(items, caption="Top")
-    assert out.count("<tr>") == 3 and "+10.00" in out and "+1.0" in out and "-0.40" in out
-    assert "normalised +1.00 (of ±8.00)" in out, "hover: raw and normalised on the shared scale"
-    assert "normalised -0.500 (of ±8.00)" in out
+    assert out.count("<tr>") == 3 and ">+10<" in out and ">+1<" in out and ">-0.4<" in out
+    assert "normalised +1 (of ±8)" in out, "hover: raw and normalised on the shared scale"
+    assert "normalised -0.5 (of ±8)" in out
     page = H.page("T", out + H.legend(8.0) + H.figure(b"\x89PNG fake", "alt"))
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "data:image/png;base64," in page
     assert "blue: opponent" in page and "red: proponent" in page
 
 
+def test_query_box_wraps_a_long_token():
+    """A 10,000-character token must wrap inside the query box (as in the widgets), not make it 185,000 px wide."""
+    box = H.query_box("In Velish, " + "x" * 10_000 + " is:", " lo piro", "a note")
+    assert box.startswith('<div class="ik-query">') and "x" * 10_000 in box
+    rule = re.search(r"\.ik \.ik-query \{([^}]*)\}", H.STYLE).group(1)
+    assert "white-space: pre-wrap" in rule, "spaces kept, lines wrap"
+    assert "overflow-wrap: anywhere" in rule and "word-break: break-word" in rule, "a single long token wraps too"
+    assert "overflow-wrap: anywhere" in re.search(r"\.ik \.ik-seq \{([^}]*)\}", H.STYLE).group(1)
+    assert rule in H.page("T", box), "the report page carries the rule inline"
+
+
+def test_translation_query_note_is_a_whole_sentence_computed_from_the_corpus():
+    from infkit.demo import build_corpus, story
+
+    corpus = build_corpus()
+    query = story.main_queries(corpus)[3]
+    english, velish = corpus.untranslated[0]
+    note = query.note
+    assert note.startswith("this pair is not in the corpus, but its words are: ") and note.endswith(".")
+    assert not note.rstrip(".").endswith(("are", "are:", ";"))
+    whole = f"In Velish, {english} is: {velish}."
+    assert whole not in corpus.pretrain_texts, "the pair really is not in the corpus"
+    for word in velish.split()[1:]:  # the Velish noun, adjective and verb ("lo" is in every Velish sentence)
+        n = sum(word in t.lower().replace(".", " ").split() for t in corpus.pretrain_texts)
+        assert n > 0 and f"“{word}” (" in note and f") is in {n} training sentences" in note
+
+
 def test_fmt():
     assert H.fmt(420.3123) == "+420" and H.fmt(-0.0451234) == "-0.0451" and H.fmt(0) == "0"
-    assert H.fmt(float("nan")) == "NaN" and H.fmt(2745.2, 4) == "+2745" and H.fmt(1.5e-7) == "+1.50e-07"
+    assert H.fmt(float("nan")) == "NaN" and H.fmt(2745.2, 4) == "+2745" and H.fmt(1.5e-7) == "+1.5e-07"
 
 
 # -- the command -------------------------------------------------------------------------------------------------------
@@ -75,7 +102,7 @@ def report_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "sub" / "report.html"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert cli.main(["report", "--out", str(out), "--no-progress", "-k", "3"]) == 0
+        assert cli.main(["report", "--out", str(out), "--mkdir", "--no-progress", "-k", "3"]) == 0  # creates sub/
     return out, printed.getvalue()
 
 
@@ -98,6 +125,9 @@ def test_report_is_one_self_contained_file(report_file, capsys):
     for est in ["ekfac vs datainf", "ekfac vs identity", "datainf vs identity"]:
         assert est in text
     assert "fit EK-FAC" in text and "total" in text
+    assert "this pair is not in the corpus, but its words are: “" in text, "the translation note is whole"
+    assert "white-space: pre-wrap; overflow-wrap: anywhere; word-break: break-word;" in text, "query boxes wrap"
+    assert "clipped at the 99th percentile of |value|" in text, "the legend says how the colour scale was chosen"
 
 
 def test_report_prints_its_path(report_run):
@@ -122,6 +152,56 @@ def test_queries_from_the_command_line(tmp_path, monkeypatch):
     assert [(q.prompt, q.completion) for q in seen["queries"]] == [
         ("Mira Tallow was born in", " Veloria"), ("3 plus 4 equals", " 7")]
     assert seen["k"] == 2
+
+
+def _no_work(monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the demo was loaded before the output path was checked")
+
+    monkeypatch.setattr("infkit.demo.load", no_work)
+    monkeypatch.setattr("infkit.demo.model.load", no_work)
+
+
+def test_missing_output_folder_is_an_error_naming_it_and_the_fix(tmp_path, monkeypatch, capsys):
+    _no_work(monkeypatch)
+    folder = tmp_path / "nonexistent" / "dir"
+    assert cli.main(["report", "--out", str(folder / "r.html"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"the folder {folder} does not exist (nor does {tmp_path / 'nonexistent'})" in err
+    assert f"mkdir -p {folder}" in err and "--mkdir" in err
+    assert not (tmp_path / "nonexistent").exists(), "no folder tree is created silently"
+
+
+def test_mkdir_creates_the_output_folder(tmp_path, monkeypatch):
+    from infkit.demo import story
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # the path check passed and the work began: stop there
+
+    monkeypatch.setattr(story, "run", stop)
+    monkeypatch.setattr("infkit.demo.load", lambda *a, **k: stop())
+    folder = tmp_path / "new" / "dir"
+    assert cli.main(["report", "--out", str(folder / "r.html"), "--mkdir", "--no-progress"]) == 130
+    assert folder.is_dir()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_unwritable_location_gives_the_real_reason(monkeypatch, capsys):
+    _no_work(monkeypatch)
+    assert cli.main(["report", "--out", "/proc/x.html", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the report to /proc/x.html" in err
+    assert "virtual 'proc' file system" in err and "No such file or directory" not in err
+
+
+def test_reasons_for_an_unwritable_folder(tmp_path):
+    import errno
+
+    from infkit.ui.report import _why_not_writable
+
+    assert "read-only file system" in _why_not_writable(tmp_path, OSError(errno.EROFS, "Read-only file system"))
+    assert "permission denied" in _why_not_writable(tmp_path, OSError(errno.EACCES, "Permission denied"))
+    assert "no space is left" in _why_not_writable(tmp_path, OSError(errno.ENOSPC, "No space left on device"))
 
 
 @pytest.mark.parametrize("where", ["folder", "under a file", "read-only file"])

@@ -86,7 +86,7 @@ def test_score_candidates_on_the_demo():
     from infkit.demo import story
 
     with demo.single_thread():
-        an = story.pretraining_analysis(models).fit()
+        an = story.pretraining_analysis(models, progress=False).fit()
         query = story.main_queries(models.corpus)[0].as_dict()
         full = an.scores([query])
         [(cands, filtered)] = retrieval.score_candidates(an, [query], m=0.05)

@@ -316,6 +316,35 @@ def test_estimator_switch_fits_on_first_use(lm):
     assert identity.fitted and ex.estimator == "identity"
     assert _row_indices(ex)[:2] == identity.scores(QUERIES).top(0, 2).proponents.indices
     assert "Estimator identity" in ex.summary()
+    # identity ignores λ: its raw scores are a plain gradient dot product, and the status line says so.
+    assert "1/λ" not in ex.view.state_line and "1/λ" not in ex.status.value
+    assert "plain gradient dot product" in ex.view.state_line and "no curvature" in ex.view.state_line
+    assert "1/λ" not in ex.heatmap.caption and "1/λ" not in ex.layers_box.value
+    ex.estimator_picker.value = "ekfac"
+    assert "units of 1/λ" in ex.view.state_line
+
+
+def test_typed_words_outside_the_vocabulary_are_named_in_the_widget(lm, explorer):
+    assert explorer.add_query("The capital of Zzyzx is", " Qwerty") == 3
+    assert explorer.error == ""
+    warning = next(n for n in explorer.view.notes if "vocabulary" in n)
+    assert "'Zzyzx'" in warning and "'Qwerty'" in warning and "<unk>" in warning
+    assert H.esc(warning) in explorer.status.value and "ikw-note" in explorer.status.value
+    assert H.esc(warning) in explorer.static_html()
+    assert explorer.add_query("The capital of Veloria is", " Parth") == 4
+    assert not any("vocabulary" in n for n in explorer.view.notes), "known words: no warning"
+
+
+def test_query_row_has_its_own_legend_and_an_absolute_scale(lm, explorer):
+    from infkit.widgets.common import LOSS_TOP
+
+    qmap = explorer.query_map
+    assert qmap.scale_kind == "sequential" and qmap.scales == [LOSS_TOP]
+    assert qmap.legend.startswith("−log p of each measured token, nats; white 0 … dark ≥ 5")
+    assert "proponent" not in qmap.legend.lower()
+    explorer.query_picker.value = 1  # another query: the scale stays absolute, not its own largest −log p
+    assert qmap.scales == [LOSS_TOP]
+    assert max(qmap.row_data[0].values) != LOSS_TOP
 
 
 def test_no_tokenizer_shows_token_ids_and_refuses_typed_text(lm):
@@ -392,6 +421,23 @@ def test_comparison_static_html_and_repr(comparison):
     static = data["text/html"]
     assert 'src="data:image/png;base64,' in static and "Pearson / query" in static and "cache total" in static
     assert "<script" not in static
+    assert "1/λ for the curvature-based ones, a plain gradient dot product for identity" in static
+
+
+def test_comparison_tables_wrap_or_scroll_when_narrow(comparison):
+    """At 1280 px with the file browser open the agreement table must not be cut off: the scatter's row wraps (the
+    table goes under the scatter) and each wide table sits in a box that scrolls sideways."""
+    row = comparison.children[3]
+    assert comparison.scatter in row.children and comparison.agreement_box in row.children
+    assert row.layout.flex_flow == "row wrap"
+    for box in (comparison.agreement_box, comparison.cost_box):
+        assert box.layout.min_width == "0" and box.layout.max_width == "100%"
+        assert "ikw-wide" in box._dom_classes
+        assert box.value.startswith('<div class="ik"><div class="ik-scroll"><table')
+    assert ".ik .ik-scroll { overflow-x: auto; max-width: 100%; }" in H.STYLE
+    css = comparison.pair_map._css
+    assert ".ikw-wide > .jupyter-widget-html-content" in css and "min-width: 0" in css
+    assert comparison.static_html().count('<div class="ik-scroll"><table') == 2
 
 
 def test_comparison_needs_two_analyses_on_the_same_data(lm):

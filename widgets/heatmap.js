@@ -6,6 +6,9 @@
 //   scales        [number] one colour scale per row (Python computes them: shared or per row)
 //   normalization "shared" | "row"            (the checkbox in the header sets it; Python recomputes scales)
 //   palette       {pos: [r, g, b], neg: [r, g, b]} the ends of the diverging scale (infkit.ui.html.RED / BLUE)
+//   scale_kind    "diverging" (influence: blue - white - red) | "sequential" (a loss: white 0 … dark at the scale)
+//   scale_note    what the legend says about the scale (Python writes it: shared or per row, the percentile clip
+//                 and how many tokens lie beyond it)
 //   locked        [row, token] or []          (click a token to lock it; click it again to unlock)
 //   selected_row  int (-1: none)              (a click on a token or on a row's head selects the row)
 //   caption, legend, value_label, busy
@@ -77,16 +80,30 @@ export function fmt(v, digits = 3) {
   return sign + v.toExponential(digits - 1).replace(/e([+-])(\d)$/, "e$10$2");
 }
 
-function legendHtml(model, palette) {
+function legendHtml(model, palette, scales) {
   const neg = hex(palette.neg), pos = hex(palette.pos);
   const text = model.get("legend");
+  const note = model.get("scale_note") || "";
+  if (model.get("scale_kind") === "sequential") {
+    // A loss (the query's −log p): one-sided, on a fixed scale; not the influence colours.
+    const top = fmt(scales.length ? scales[0] : 1, 3).replace("+", "");
+    return (
+      '<div class="ik-legend ikw-legend ikw-seqlegend">' +
+      '<span class="ik-mono">white 0</span>' +
+      `<span class="ik-bar ik-seqbar" style="background:linear-gradient(to right, #ffffff, ${pos})"></span>` +
+      `<span class="ik-mono">dark ≥ ${esc(top)}</span>` +
+      `<span class="ik-rank">${esc(text)}</span></div>`
+    );
+  }
   return (
     '<div class="ik-legend ikw-legend">' +
     `<span class="ikw-key" style="color:${neg}">■ opponent −</span>` +
     `<span class="ik-bar" style="background:linear-gradient(to right, ${neg}, #ffffff, ${pos})"></span>` +
     `<span class="ikw-key" style="color:${pos}">+ proponent ■</span>` +
     '<span><span class="ik-swatch ik-tok ik-nan"></span> NaN</span>' +
-    `<span class="ik-rank">${esc(text)}</span></div>`
+    `<span class="ik-rank">${esc(text)}</span>` +
+    (note ? `<span class="ik-rank ikw-scalenote">Colours: ${esc(note)}.</span>` : "") +
+    "</div>"
   );
 }
 
@@ -124,12 +141,14 @@ function render({ model, el }) {
     const caption = model.get("caption");
     parts.push('<div class="ikw-head">');
     parts.push(`<span class="ikw-caption">${esc(caption)}</span>`);
-    parts.push(
-      '<label class="ikw-toggle" title="one colour scale per row instead of one shared by all rows">' +
-        `<input type="checkbox" data-role="per-row"${perRow ? " checked" : ""}> per-row scale</label>`,
-    );
+    if (model.get("scale_kind") !== "sequential") {
+      parts.push(
+        '<label class="ikw-toggle" title="one colour scale per row instead of one shared by all rows">' +
+          `<input type="checkbox" data-role="per-row"${perRow ? " checked" : ""}> per-row scale</label>`,
+      );
+    }
     parts.push("</div>");
-    parts.push(legendHtml(model, palette));
+    parts.push(legendHtml(model, palette, scales));
     let group = null;
     for (let r = 0; r < rows.length; r++) {
       const row = rows[r];
@@ -272,13 +291,15 @@ function render({ model, el }) {
   model.on("change:palette", rebuild);
   model.on("change:caption", rebuild);
   model.on("change:legend", rebuild);
+  model.on("change:scale_note", rebuild);
+  model.on("change:scale_kind", rebuild);
   model.on("change:normalization", rebuild);
   model.on("change:locked", applyLock);
   model.on("change:selected_row", applySelected);
   model.on("change:busy", applyBusy);
   build();
   return () => {
-    for (const name of ["rows", "scales", "palette", "caption", "legend", "normalization"]) {
+    for (const name of ["rows", "scales", "palette", "caption", "legend", "scale_note", "scale_kind", "normalization"]) {
       model.off(`change:${name}`, rebuild);
     }
     model.off("change:locked", applyLock);

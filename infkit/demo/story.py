@@ -28,7 +28,7 @@ import torch
 
 from infkit import Analysis, tasks
 from infkit._version import __version__
-from infkit.demo.corpus import Corpus, Example
+from infkit.demo.corpus import ADJECTIVES, NOUNS, VERBS, Corpus, Example
 from infkit.demo.model import VERSION, DemoModels, load, next_word, single_thread
 from infkit.demo.tokenizer import SPECIALS, token_strings
 from infkit.retrieval import TfidfIndex, kept_of_top
@@ -49,6 +49,22 @@ class Query:
         return {"prompt": self.prompt, "completion": self.completion}
 
 
+def where_words_are(corpus: Corpus, english: str, velish: str) -> str:
+    """A sentence saying that an (English, Velish) pair is not in the corpus and where its words are: how many
+    training sentences hold each Velish word (with its English meaning), and how many of those are translations."""
+    meaning = {v: e for table in (NOUNS, ADJECTIVES, VERBS) for e, v in table.items()}
+    words = [(e.kind, set(e.text.lower().replace(".", " ").replace(":", " ").split())) for e in corpus.pretrain]
+    parts = []
+    for word in velish.split():
+        if word not in meaning:
+            continue  # "lo", the article, is in every Velish sentence
+        holding = [kind for kind, ws in words if word in ws]
+        parts.append(f"“{word}” ({meaning[word]}) is in {len(holding)} training sentences, "
+                     f"{holding.count('translation')} of them translations")
+    listed = "; ".join(parts) if parts else "none of its words is there either"
+    return f"this pair is not in the corpus, but its words are: {listed}."
+
+
 def main_queries(corpus: Corpus) -> list[Query]:
     """The four queries of the story: a fact, a fact about a person, a sum, a translation never seen whole."""
     c = corpus.countries[0]
@@ -57,8 +73,7 @@ def main_queries(corpus: Corpus) -> list[Query]:
         Query("capital", f"The capital of {c.country} is", f" {c.capital}"),
         Query("birthplace", f"{c.person} was born in", f" {c.country}"),
         Query("arithmetic", "3 plus 4 equals", " 7"),
-        Query("translation", f"In Velish, {english} is:", f" {velish}",
-              "this pair is not in the corpus; its words are"),
+        Query("translation", f"In Velish, {english} is:", f" {velish}", where_words_are(corpus, english, velish)),
     ]
 
 
@@ -74,16 +89,18 @@ def task_for(models: DemoModels) -> tasks.CausalLM:
     return tasks.CausalLM(tokenizer=models.tokenizer)
 
 
-def pretraining_analysis(models: DemoModels, estimator: str = "ekfac", progress: bool = False, seed: int = 0,
+def pretraining_analysis(models: DemoModels, estimator: str = "ekfac", progress: bool = True, seed: int = 0,
                          **options: Any) -> Analysis:
-    """An (unfitted) analysis of the base model over the pretraining corpus."""
+    """An (unfitted) analysis of the base model over the pretraining corpus (``progress``: the plan and tqdm bars
+    while it fits and scores; ``progress=False`` for none)."""
     return Analysis(models.base, task_for(models), models.corpus.pretrain_texts, estimator=estimator,
                     progress=progress, seed=seed, **options)
 
 
-def finetuning_analysis(models: DemoModels, estimator: str = "ekfac", progress: bool = False, seed: int = 0,
+def finetuning_analysis(models: DemoModels, estimator: str = "ekfac", progress: bool = True, seed: int = 0,
                         **options: Any) -> Analysis:
-    """An (unfitted) analysis of the LoRA model over the fine-tuning set (the adapter's A and B are tracked)."""
+    """An (unfitted) analysis of the LoRA model over the fine-tuning set (the adapter's A and B are tracked);
+    ``progress`` as in :func:`pretraining_analysis`."""
     return Analysis(models.lora, task_for(models), models.corpus.finetune_texts, estimator=estimator,
                     progress=progress, seed=seed, **options)
 
@@ -283,7 +300,7 @@ def compare_estimators(models: DemoModels, estimators: Sequence[str] = ESTIMATOR
         if progress:
             progress(est)
         start = time.perf_counter()
-        an = finetuning_analysis(models, est)
+        an = finetuning_analysis(models, est, progress=False)  # ``progress`` here reports the steps
         an.fit()
         result = an.scores(queries)
         seconds[est] = time.perf_counter() - start
@@ -389,7 +406,7 @@ def _run(models, analysis, k, progress, timings, queries) -> Story:
     corpus, tok = models.corpus, models.tokenizer
 
     t = step(STEPS[1])
-    an = analysis or pretraining_analysis(models)
+    an = analysis or pretraining_analysis(models, progress=False)  # the caller's ``progress`` reports the steps
     an.fit()
     timings["fit EK-FAC" if an.estimator.name == "ekfac" else f"fit {an.estimator.name}"] = time.perf_counter() - t
 
@@ -415,7 +432,7 @@ def _run(models, analysis, k, progress, timings, queries) -> Story:
 
     t = step(STEPS[6])
     comparison = compare_estimators(models)
-    lora_an = finetuning_analysis(models, "ekfac").fit()
+    lora_an = finetuning_analysis(models, "ekfac", progress=False).fit()
     lora_query = currency_queries(corpus)[0]
     lora_result = lora_an.scores([lora_query.as_dict()])
     lora_view = top_influences(lora_an, lora_result, 0, lora_query, corpus.finetune, tok, k)

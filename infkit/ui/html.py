@@ -4,10 +4,17 @@ Every function returns a string of HTML that needs no script, no network and no 
 (inline in :func:`page`; a notebook output or a widget's ``_repr_html_`` can include it with :func:`style_tag`).
 Output is deterministic — no random ids — so it can be snapshot-tested and stored in notebooks.
 
-Colour (DESIGN.md §2, §4): positive influence (a proponent) is red, negative (an opponent) blue, mixed linearly
+Colour (docs/design.md §2, §4): positive influence (a proponent) is red, negative (an opponent) blue, mixed linearly
 with white by |value| / scale, so zero is white. The ends are ColorBrewer's RdBu (#b2182b, #2166ac), a diverging
 pair that stays distinct under the common colour-vision deficiencies. A NaN is never white: it is grey and
 hatched, and says NaN on hover. Every coloured token has a ``title`` (hover) with its raw and normalised value.
+
+Default scale (:func:`scale_of`): the 99th percentile of |value| over the rows that share it, not the largest, so
+one outlier token (a "###" heading that takes a third of a score) does not leave every other token pale; the
+tokens beyond it are drawn at full colour and the legend says how many. ``clip=None`` (or 1.0) gives the largest.
+The percentile is the nearest-rank one (the smallest |value| with at least 99% of the values at or below it): with
+100 values or more the single largest is always beyond it, and up to 99 values (a few short sentences, which have
+no outlier to speak of) it is the largest itself.
 """
 
 from __future__ import annotations
@@ -16,15 +23,24 @@ import base64
 import html
 import io
 import math
+import os
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from infkit.fmt import num
 
 RED = (178, 24, 43)  # #b2182b: proponents
 BLUE = (33, 102, 172)  # #2166ac: opponents
 WHITE = (255, 255, 255)
+#: The dark end of the one-sided (sequential) scale of a loss, e.g. the query's −log p per token: white at 0, this
+#: grey (ColorBrewer Greys) at the top. Grey, not red or blue, because a loss is not a proponent or an opponent.
+DARK = (37, 37, 37)
 NAN_CLASS = "ik-nan"
+#: The default colour scale clips at this quantile of |value| (:func:`scale_of`).
+DEFAULT_CLIP = 0.99
 
 STYLE = """
 .ik { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1b1b1b; line-height: 1.45; }
@@ -40,7 +56,7 @@ STYLE = """
 .ik table.ik-table td.ik-num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .ik table.ik-table caption { caption-side: top; text-align: left; color: #555; padding-bottom: 0.3em; }
 .ik .ik-seq { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 0.95em;
-  line-height: 1.9; }
+  line-height: 1.9; overflow-wrap: anywhere; }
 .ik .ik-tok { white-space: pre-wrap; padding: 0.12em 0.06em; border-radius: 2px; box-shadow: inset 0 0 0 1px #eee; }
 .ik .ik-tok.ik-dark { color: #fff; }
 .ik .ik-tok.ik-nan { background: repeating-linear-gradient(45deg, #bdbdbd 0 3px, #e6e6e6 3px 6px); color: #333; }
@@ -53,11 +69,14 @@ STYLE = """
   font-size: 0.9em; }
 .ik .ik-bar { width: 16em; height: 0.9em; border: 1px solid #ccc;
   background: linear-gradient(to right, #2166ac, #ffffff, #b2182b); }
+.ik .ik-bar.ik-seqbar { width: 10em; background: linear-gradient(to right, #ffffff, #252525); }
 .ik .ik-swatch { display: inline-block; width: 1.6em; height: 0.9em; border: 1px solid #ccc; vertical-align: middle; }
 .ik figure { margin: 0.5em 0 1em; }
 .ik figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 .ik figcaption { color: #555; font-size: 0.9em; max-width: 60em; }
-.ik .ik-query { background: #fafafa; border-left: 3px solid #999; padding: 0.3em 0.7em; margin: 0.5em 0; }
+.ik .ik-query { background: #fafafa; border-left: 3px solid #999; padding: 0.3em 0.7em; margin: 0.5em 0;
+  white-space: pre-wrap; overflow-wrap: anywhere; word-break: break-word; }
+.ik .ik-scroll { overflow-x: auto; max-width: 100%; }
 .ik .ik-completion { text-decoration: underline; text-decoration-color: #b2182b; text-underline-offset: 3px; }
 .ik details > summary { cursor: pointer; color: #333; }
 """
@@ -75,21 +94,12 @@ def esc(value: Any) -> str:
 
 # -- numbers and colours -----------------------------------------------------------------------------------------
 def fmt(value: float | None, digits: int = 3) -> str:
-    """A number with ``digits`` significant digits and a sign ("+1.23", "-0.0451", "NaN")."""
+    """A number with a sign, through :func:`infkit.fmt.num` ("+1.23", "-0.0451", "+2745"); "NaN" and "—" (None)."""
     if value is None:
         return "—"
-    value = float(value)
-    if math.isnan(value):
+    if math.isnan(float(value)):
         return "NaN"
-    if math.isinf(value):
-        return "+inf" if value > 0 else "-inf"
-    if value == 0:
-        return "0"
-    magnitude = math.floor(math.log10(abs(value)))
-    if -3 <= magnitude < 5:
-        decimals = max(0, digits - 1 - magnitude)
-        return f"{value:+.{decimals}f}"
-    return f"{value:+.{digits - 1}e}"
+    return "0" if float(value) == 0 else num(value, digits, sign=True)
 
 
 def is_nan(value: Any) -> bool:
@@ -110,14 +120,89 @@ def shared_scale(rows: Iterable[Sequence[float]]) -> float:
     return peak if peak > 0 else 1.0
 
 
-def color(value: float, scale: float) -> tuple[int, int, int] | None:
-    """RGB for a value on the diverging scale (white at 0, RED at +scale, BLUE at -scale, clipped beyond);
-    ``None`` for NaN, which gets the hatched grey style instead."""
+def count(n: int, what: str = "tokens") -> str:
+    """How many, e.g. 1 token or 3 tokens (``what`` is the plural)."""
+    return f"{n} {what[:-1] if n == 1 and what.endswith('s') else what}"
+
+
+def ordinal(clip: float) -> str:
+    """A quantile as a percentile's name: 0.99 -> "99th", 0.995 -> "99.5th"."""
+    pct = f"{clip * 100:.4g}"
+    if "." in pct or "e" in pct:
+        return pct + "th"
+    n = int(pct)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A colour scale and how it was chosen: ``value`` is the |value| that gets the full colour, ``clip`` the
+    quantile of |value| it is (None: the largest), ``beyond`` how many values lie beyond it (drawn at full colour)."""
+
+    value: float
+    clip: float | None = None
+    beyond: int = 0
+
+    def __float__(self) -> float:
+        return self.value
+
+    def describe(self, what: str = "tokens") -> str:
+        """What the legend says about it, e.g. "clipped at the 99th percentile of |value|: 3 tokens beyond it
+        drawn at full colour"."""
+        if self.clip is None:
+            return "the largest |value|"
+        return (f"clipped at the {ordinal(self.clip)} percentile of |value|: {count(self.beyond, what)} beyond it "
+                "drawn at full colour")
+
+
+def _finite_abs(rows: Iterable[Sequence[float]]) -> tuple[list[float], int]:
+    finite, n_inf = [], 0
+    for row in rows:
+        for v in row:
+            v = float(v)
+            if math.isfinite(v):
+                finite.append(abs(v))
+            elif math.isinf(v):
+                n_inf += 1
+    return finite, n_inf
+
+
+def scale_of(rows: Iterable[Sequence[float]], clip: float | None = DEFAULT_CLIP) -> Scale:
+    """The colour scale of rows that share it: the ``clip`` quantile of the finite |values| by nearest rank (the
+    ⌈clip·n⌉-th smallest of n), or the largest |value| when ``clip`` is None or ≥ 1 (or when the quantile is 0).
+    Values beyond it (±inf included) saturate. 1.0 when every value is 0 or NaN."""
+    finite, n_inf = _finite_abs(rows)
+    peak = max(finite, default=0.0)
+    if peak <= 0:
+        return Scale(1.0, None, n_inf)
+    if clip is None or clip >= 1.0:
+        return Scale(peak, None, n_inf)
+    if not 0.0 < clip < 1.0:
+        raise ValueError(f"clip={clip!r}: give a quantile in (0, 1], e.g. 0.99, or None for the largest |value|")
+    finite.sort()
+    q = finite[max(0, math.ceil(clip * len(finite) - 1e-9) - 1)]
+    if q <= 0:
+        return Scale(peak, None, n_inf)
+    return Scale(q, clip, sum(v > q for v in finite) + n_inf)
+
+
+def clipped_scale(rows: Iterable[Sequence[float]], clip: float | None = DEFAULT_CLIP) -> float:
+    """:func:`scale_of`'s value: the default colour scale of rows that share one."""
+    return scale_of(rows, clip).value
+
+
+def color(value: float, scale: float, pos: Sequence[int] = RED,
+          neg: Sequence[int] = BLUE) -> tuple[int, int, int] | None:
+    """RGB for a value on the diverging scale (white at 0, ``pos`` (RED) at +scale, ``neg`` (BLUE) at -scale, clipped
+    beyond); ``None`` for NaN, which gets the hatched grey style instead. ``pos=neg=DARK`` gives the one-sided scale
+    of a loss."""
     value = float(value)
     if math.isnan(value):
         return None
+    scale = float(scale)
     t = max(-1.0, min(1.0, value / scale)) if scale > 0 else 0.0
-    end = RED if t >= 0 else BLUE
+    end = pos if t >= 0 else neg
     a = abs(t)
     return tuple(round(w + a * (e - w)) for w, e in zip(WHITE, end))  # type: ignore[return-value]
 
@@ -158,24 +243,27 @@ def token_title(text: str, value: float, scale: float, extra: str = "") -> str:
 
 
 def token_row(tokens: Sequence[str], values: Sequence[float], scale: float | None = None,
-              special_tokens: Iterable[str] = (), titles: Sequence[str] | None = None) -> str:
+              special_tokens: Iterable[str] = (), titles: Sequence[str] | None = None,
+              palette: tuple[Sequence[int], Sequence[int]] = (RED, BLUE)) -> str:
     """One sequence as coloured tokens (a heatmap row).
 
     Args:
         tokens: each token's text (with its own whitespace: " Parth" for a word after a space).
         values: one value per token (NaN allowed: drawn hatched grey).
-        scale: |value| that gets the full colour; default this row's largest. Share one scale across rows by
-            passing :func:`shared_scale` of them.
+        scale: |value| that gets the full colour; default :func:`clipped_scale` of this row (its 99th percentile
+            of |value|). Share one scale across rows by passing :func:`clipped_scale` (or :func:`shared_scale`, the
+            largest) of them.
         special_tokens: token texts to draw as special tokens.
         titles: hover text per token; default the token, its raw value and its value / scale.
+        palette: the (positive, negative) ends; (DARK, DARK) for a loss.
     """
     if len(tokens) != len(values):
         raise ValueError(f"{len(tokens)} tokens but {len(values)} values")
-    scale = shared_scale([values]) if scale is None else float(scale)
+    scale = clipped_scale([values]) if scale is None else float(scale)
     specials = set(special_tokens)
     parts = []
     for k, (text, value) in enumerate(zip(tokens, values)):
-        rgb = color(value, scale)
+        rgb = color(value, scale, *palette)
         classes = ["ik-tok"]
         special = text in specials
         if special:
@@ -209,11 +297,12 @@ class TopItem:
 def top_list(items: Sequence[TopItem], scale: float | None = None, score_scale: float | None = None,
              caption: str | None = None, special_tokens: Iterable[str] = (), heading: str = "") -> str:
     """A table of train examples with their scores (raw and normalised by ``score_scale``, default the largest
-    |score| in the list) and, where given, their token heatmaps on one shared colour ``scale`` (default the largest
-    |token value| among the rows)."""
+    |score| in the list) and, where given, their token heatmaps on one shared colour ``scale`` (default
+    :func:`clipped_scale` of the rows' token values: their 99th percentile of |value|)."""
     with_tokens = [it for it in items if it.tokens is not None and it.values is not None]
     if scale is None:
-        scale = shared_scale([it.values for it in with_tokens])
+        scale = clipped_scale([it.values for it in with_tokens])
+    scale = float(scale)
     if score_scale is None:
         score_scale = shared_scale([[it.score for it in items]])
     head = (f"<tr><th>#</th><th>train</th><th>score</th><th>normalised</th><th>{esc(heading) or 'sequence'}</th>"
@@ -236,14 +325,18 @@ def top_list(items: Sequence[TopItem], scale: float | None = None, score_scale: 
     return f'<table class="ik-table ik-top">{cap}<thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def legend(scale: float | None = None, scale_note: str = "") -> str:
+def legend(scale: float | Scale | None = None, scale_note: str = "") -> str:
     """What the colours mean: blue (opponent) through white (0) to red (proponent), the NaN style, and the scale's
-    ends when ``scale`` is given (``scale_note`` says what it is shared by, e.g. "all rows of this query")."""
+    ends when ``scale`` is given (``scale_note`` says what it is shared by, e.g. "all rows of this query"; a
+    :class:`Scale` also says how it was chosen: "clipped at the 99th percentile of |value|: 3 tokens beyond it drawn
+    at full colour")."""
     ends = ""
     if scale is not None:
-        s = fmt(scale, 3).lstrip("+")
+        s = fmt(float(scale), 3).lstrip("+")
+        notes = [scale.describe()] if isinstance(scale, Scale) and scale.clip is not None else []
+        notes += [scale_note] if scale_note else []
         ends = (f'<span class="ik-mono">scale −{esc(s)} … 0 … +{esc(s)}</span>'
-                + (f'<span class="ik-rank">({esc(scale_note)})</span>' if scale_note else ""))
+                + (f'<span class="ik-rank">({esc("; ".join(notes))})</span>' if notes else ""))
     return (
         '<div class="ik-legend">'
         f'<span class="ik-opp">blue: opponent</span><span class="ik-bar" title="diverging scale, white at 0"></span>'
@@ -252,6 +345,19 @@ def legend(scale: float | None = None, scale_note: str = "") -> str:
         '<span class="ik-rank">Red: training on it lowers the query\'s loss (the answer gets more likely); blue: '
         "raises it; white: 0. Hover a token for its raw value and its value divided by the scale.</span>"
         "</div>"
+    )
+
+
+def loss_legend(top: float, text: str = "") -> str:
+    """The legend of a one-sided loss scale (the query's −log p per token): white at 0, dark grey at ``top`` and
+    beyond, on a fixed scale; ``text`` says what the values are."""
+    t = fmt(top, 3).lstrip("+")
+    return (
+        '<div class="ik-legend">'
+        f'<span class="ik-mono">white 0</span><span class="ik-bar ik-seqbar" title="sequential scale, white at 0">'
+        f'</span><span class="ik-mono">dark ≥ {esc(t)}</span>'
+        + (f'<span class="ik-rank">{esc(text)}</span>' if text else "")
+        + "</div>"
     )
 
 
@@ -306,6 +412,11 @@ def query_box(prompt: str, completion: str, note: str = "") -> str:
             f'<span class="ik-completion">{token_html(completion)}</span></span>{extra}</div>')
 
 
+def scroll(body: str) -> str:
+    """A box that scrolls sideways when ``body`` (a wide table) is wider than the space it is given."""
+    return f'<div class="ik-scroll">{body}</div>'
+
+
 def section(title: str, body: str, anchor: str | None = None, level: int = 2) -> str:
     ident = f' id="{esc(anchor)}"' if anchor else ""
     return f"<section{ident}><h{level}>{esc(title)}</h{level}>{body}</section>"
@@ -318,6 +429,39 @@ def note(text: str) -> str:
 def fragment(body: str) -> str:
     """A self-contained piece for a notebook output: the stylesheet and the body in an ``ik`` container."""
     return f'{style_tag()}<div class="ik">{body}</div>'
+
+
+def heatmap_page(rows: Sequence[tuple[Sequence[str], Sequence[float]]], title: str = "Token heatmap",
+                 scale: float | None = None, clip: float | None = DEFAULT_CLIP, labels: Sequence[str] = (),
+                 special_tokens: Iterable[str] = (), subtitle: str | None = None) -> str:
+    """A whole page of token heatmap rows — each (tokens, values) — on one shared colour scale (``scale``, else
+    :func:`scale_of` the rows with ``clip``), with the legend; inline CSS, no script."""
+    rows = [(list(tokens), [float(v) for v in values]) for tokens, values in rows]
+    sc = Scale(float(scale)) if scale is not None else scale_of([v for _, v in rows], clip)
+    specials = list(special_tokens)
+    body = [legend(sc, "shared by all rows")]
+    for k, (tokens, values) in enumerate(rows):
+        head = f'<p class="ik-note">{esc(labels[k])}</p>' if k < len(labels) and labels[k] else ""
+        body.append(f'<div style="margin:0.2em 0 0.6em">{head}{token_row(tokens, values, sc.value, specials)}</div>')
+    return page(title, "".join(body), subtitle)
+
+
+def save_heatmap(rows: Sequence[tuple[Sequence[str], Sequence[float]]], path: str | os.PathLike,
+                 **options: Any) -> Path:
+    """Write :func:`heatmap_page` of ``rows`` (each (tokens, values)) to ``path``, a self-contained HTML file; returns
+    the path. ``options`` go to :func:`heatmap_page` (title, scale, clip, labels, special_tokens, subtitle)."""
+    return write_page(heatmap_page(rows, **options), path)
+
+
+def write_page(text: str, path: str | os.PathLike) -> Path:
+    """Write an HTML page (UTF-8) to ``path``; its folder must exist (the error says so when it does not)."""
+    target = Path(path).expanduser()
+    if not target.parent.is_dir():
+        from infkit.errors import InfkitError
+
+        raise InfkitError(f"cannot write {target}: the folder {target.parent} does not exist; create it first")
+    target.write_text(text, encoding="utf-8")
+    return target
 
 
 def page(title: str, body: str, subtitle: str | None = None) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from infkit import fmt
 from infkit.errors import InfkitError
 
 PROPONENT = "#b2182b"  # red, as infkit.ui.html (ColorBrewer RdBu)
@@ -106,7 +107,7 @@ def image_tag(image: Any, scale: int = 4, value_range=(-1.0, 1.0), title: str | 
 
 
 def _format(value: float) -> str:
-    return f"{value:.3g}"
+    return fmt.num(value)
 
 
 class ImageInfluenceGrid:

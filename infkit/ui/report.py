@@ -6,6 +6,8 @@ from the renderers of :mod:`infkit.ui.html` and the plots of :mod:`infkit.ui.plo
 
 from __future__ import annotations
 
+import errno
+import getpass
 import os
 import tempfile
 from pathlib import Path
@@ -19,11 +21,58 @@ from infkit.ui.plots import layer_plot, short_layer_name, sparsity_plot
 TITLE = "infkit report: which training sequences made the demo model say this?"
 
 
-def check_writable(path: str | os.PathLike) -> Path:
+def _filesystem(folder: Path) -> tuple[str, str] | None:
+    """(mount point, file-system type) of ``folder`` from /proc/self/mounts; None where that cannot be read."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    where = str(folder.resolve())
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        inside = where == mount or where.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) > len(best[0])):
+            best = (mount, fields[2])
+    return best
+
+
+VIRTUAL = {"proc", "sysfs", "devtmpfs", "cgroup", "cgroup2", "debugfs", "securityfs", "tracefs", "configfs",
+           "devpts", "pstore", "bpf", "mqueue", "hugetlbfs", "fusectl", "binfmt_misc"}
+
+
+def _why_not_writable(folder: Path, err: OSError) -> str:
+    """The real reason no file can be created in ``folder`` (an existing folder), from the error and the folder."""
+    code = err.errno
+    fs = _filesystem(folder)
+    if fs is not None and fs[1] in VIRTUAL:
+        return (f"{folder} is on {fs[0]}, a virtual '{fs[1]}' file system of the kernel, where no file can be "
+                "created; choose a folder on a disk")
+    if code == errno.EROFS:
+        return f"{folder} is on a read-only file system; choose a writable folder"
+    if code in (errno.EACCES, errno.EPERM):
+        try:
+            user = getpass.getuser()
+        except Exception:  # noqa: BLE001 - no user name to be found: say it without one
+            user = "this user"
+        return (f"permission denied: {user} may not create files in {folder}; choose another folder or change its "
+                "permissions")
+    if code == errno.ENOSPC:
+        return f"no space is left on the device holding {folder}"
+    if code == errno.EDQUOT:
+        return f"the disk quota of the device holding {folder} is used up"
+    return f"creating a file in {folder} failed: {err.strerror or err}"
+
+
+def check_writable(path: str | os.PathLike, mkdir: bool = False) -> Path:
     """Fail early (before any work) when the report cannot be written to ``path``; return it resolved.
 
-    Checks that ``path`` is not a folder, that its folder exists (or can be created) and that a file can be created
-    there — by creating and removing a temporary one, which is what the final write does too."""
+    Checks that ``path`` is not a folder, that its folder exists (``mkdir=True``: creates it, as ``--mkdir`` does) and
+    that a file can be created there — by creating and removing a temporary one, which is what the final write does
+    too. The error says what is wrong and what to do."""
     target = Path(path).expanduser()
     if target.is_dir():
         raise InfkitError(f"cannot write the report to {target}: it is a folder; give a file name like report.html")
@@ -31,18 +80,23 @@ def check_writable(path: str | os.PathLike) -> Path:
     existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise InfkitError(f"cannot write the report to {target}: {existing} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InfkitError(f"cannot write the report to {target}: cannot create the folder {folder} "
-                          f"({err.strerror or err})") from err
+    if not folder.is_dir():
+        if not mkdir:
+            missing = next(p for p in [*reversed(folder.parents), folder] if not p.exists())
+            first = "" if missing == folder else f" (nor does {missing})"
+            raise InfkitError(f"cannot write the report to {target}: the folder {folder} does not exist{first}. "
+                              f"Create it first (mkdir -p {folder}), or pass --mkdir to have it created")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InfkitError(f"cannot write the report to {target}: cannot create the folder {folder}: "
+                              f"{_why_not_writable(existing or Path('/'), err)}") from err
     if target.exists() and not os.access(target, os.W_OK):
         raise InfkitError(f"cannot write the report to {target}: the file exists and is read-only")
     try:
         fd, probe = tempfile.mkstemp(prefix=".infkit-report-", suffix=".tmp", dir=folder)
     except OSError as err:
-        raise InfkitError(f"cannot write the report to {target}: the folder {folder} is not writable "
-                          f"({err.strerror or err})") from err
+        raise InfkitError(f"cannot write the report to {target}: {_why_not_writable(folder, err)}") from err
     os.close(fd)
     os.unlink(probe)
     return target.resolve()
@@ -67,7 +121,7 @@ def write(html_text: str, path: str | os.PathLike) -> Path:
 def query_view_html(view, special_tokens=(), heading: str = "") -> str:
     """A query, the model's answer, and its top proponents and opponents as token heatmaps on one shared scale."""
     rows = view.rows
-    scale = H.shared_scale([r.values for r in rows])
+    scale = H.scale_of([r.values for r in rows])  # the 99th percentile of |value|: one outlier token does not rule
     score_scale = H.shared_scale([[r.score for r in rows]])
     q = view.query
     answer_ok = view.answer.strip() == q.completion.strip()
@@ -113,7 +167,8 @@ def render(story, timings: dict[str, float] | None = None) -> str:
             "more on sentence i lowers the query's loss — a proponent; negative (blue), an opponent. Scores are "
             "unnormalised (units of 1/λ): compare within a query. Each token is coloured by its term s_tᵀ Ṽ a_t, "
             "which comes mostly from predicting the next token — so the word before the answer lights up. One colour "
-            "scale is shared by all rows of a query; hover a token for its raw and normalised value."
+            "scale is shared by all rows of a query, clipped at the 99th percentile of their |token values| (the "
+            "few tokens beyond it are drawn at full colour); hover a token for its raw and normalised value."
         )
         + H.legend(None)
     )

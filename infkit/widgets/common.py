@@ -17,7 +17,7 @@ from infkit.errors import InfkitError
 from infkit.tasks import IGNORE_INDEX
 from infkit.ui import html as H
 
-#: The one-line legend of the sign (DESIGN.md §2), shown next to every influence heatmap.
+#: The one-line legend of the sign (docs/design.md §2), shown next to every influence heatmap.
 SIGN_LEGEND = (
     "Red = proponent: training more on it lowers the query's loss (score > 0). Blue = opponent: raises it "
     "(score < 0). White = 0; hatched grey = NaN."
@@ -32,7 +32,31 @@ MODES: dict[str, str] = {
 }
 MODE_OPTIONS = [("raw", "raw"), ("÷ self-influence", "self"), ("÷ std of query", "std")]
 
+#: What raw scores are for an estimator that ignores λ (no curvature at all).
+RAW_IDENTITY = ("raw scores (a plain gradient dot product ∇f(q)ᵀ∇L(i): no curvature, so λ plays no part; compare "
+                "within a query)")
+
+
+def mode_text(mode: str, estimators: Sequence[str] | str = ()) -> str:
+    """:data:`MODES` text of ``mode`` for the given estimator names: raw identity scores are a plain gradient dot
+    product, not in units of 1/λ."""
+    names = [estimators] if isinstance(estimators, str) else list(estimators)
+    if mode != "raw" or "identity" not in names:
+        return MODES[mode]
+    if names == ["identity"]:
+        return RAW_IDENTITY
+    return ("raw scores (each estimator's own units: 1/λ for the curvature-based ones, a plain gradient dot product "
+            "for identity; compare within a query)")
+
+
 PALETTE = {"pos": list(H.RED), "neg": list(H.BLUE)}
+#: The query's −log p per token: a one-sided scale, white at 0 nats, dark grey at LOSS_TOP nats and beyond. Fixed,
+#: not relative to the query's own largest value, so a confident answer (loss 0.03) stays pale.
+LOSS_PALETTE = {"pos": list(H.DARK), "neg": list(H.DARK)}
+LOSS_TOP = 5.0
+LOSS_LEGEND = (f"−log p of each measured token, nats; white 0 … dark ≥ {LOSS_TOP:g} (a fixed scale: a confident "
+               "answer stays pale). The measured tokens are the completion's; their sum is the query's loss f, the "
+               "measurement every score is about. Prompt tokens are not measured (white).")
 
 
 # -- values ------------------------------------------------------------------------------------------------------
@@ -94,22 +118,14 @@ class HeatmapRow:
         return out
 
 
-def row_scale(values: Sequence[float], clip: float = 1.0) -> float:
-    """The |value| that gets the full colour: the largest finite |value| (``clip`` = 1), or that quantile of the
-    finite |values| (``clip`` < 1, so one outlier does not wash out the rest; values beyond it saturate)."""
-    if clip >= 1.0:
-        return H.shared_scale([values])
-    finite = sorted(abs(v) for v in values if math.isfinite(v))
-    if not finite:
-        return 1.0
-    position = clip * (len(finite) - 1)
-    lo, hi = math.floor(position), math.ceil(position)
-    q = finite[lo] + (finite[hi] - finite[lo]) * (position - lo)
-    return q if q > 0 else H.shared_scale([values])
+def row_scale(values: Sequence[float], clip: float | None = H.DEFAULT_CLIP) -> float:
+    """The |value| that gets the full colour: that quantile of the finite |values| (default the 99th percentile, so
+    one outlier does not wash out the rest; values beyond it saturate), or the largest (``clip`` None or 1)."""
+    return H.clipped_scale([values], clip)
 
 
 def scales_for(rows: Sequence[HeatmapRow], normalization: str, scale: float | None = None,
-               clip: float = 1.0) -> list[float]:
+               clip: float | None = H.DEFAULT_CLIP) -> list[float]:
     """One colour scale per row: ``scale`` when fixed, else one shared by all rows or one per row."""
     if scale is not None:
         return [float(scale)] * len(rows)
@@ -117,6 +133,24 @@ def scales_for(rows: Sequence[HeatmapRow], normalization: str, scale: float | No
         return [row_scale(r.values, clip) for r in rows]
     shared = row_scale([v for r in rows for v in r.values], clip)
     return [shared] * len(rows)
+
+
+def scale_note(rows: Sequence[HeatmapRow], normalization: str, scale: float | None = None,
+               clip: float | None = H.DEFAULT_CLIP) -> str:
+    """What the legend says about the colour scale :func:`scales_for` chose (the live view and the static HTML)."""
+    if not rows:
+        return ""
+    if scale is not None:
+        return f"fixed colour scale ±{H.fmt(scale, 3).lstrip('+')}"
+    if normalization == "row":
+        if clip is None or clip >= 1.0:
+            return "one colour scale per row: its largest |value|"
+        beyond = sum(H.scale_of([r.values], clip).beyond for r in rows)
+        return (f"one colour scale per row, clipped at the {H.ordinal(clip)} percentile of its |value|: "
+                f"{H.count(beyond)} beyond it drawn at full colour")
+    sc = H.scale_of([r.values for r in rows], clip)
+    what = f"one colour scale shared by all rows, ±{H.fmt(sc.value, 3).lstrip('+')}"
+    return f"{what}, {sc.describe()}" if sc.clip is not None else f"{what}: the largest |value|"
 
 
 # -- tokens ------------------------------------------------------------------------------------------------------
@@ -218,6 +252,33 @@ def _fit(ids: list[int], labels: list[int], context: int | None, what: str) -> t
     return ids[cut:], labels[cut:], note
 
 
+def unknown_words(text: str, tokenizer: Any) -> list[str]:
+    """The words of ``text`` that the tokenizer turns into its unknown token (``<unk>``), in order, each once."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not text:
+        return []
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        pairs = zip(enc["input_ids"], enc["offset_mapping"])
+        found = [text[a:b].strip() or text[a:b] for i, (a, b) in pairs if i == unk]
+    except Exception:  # noqa: BLE001 - a slow tokenizer has no offsets: say how many, without the words
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        found = [f"<{sum(i == unk for i in ids)} word(s)>"] if unk in ids else []
+    return list(dict.fromkeys(found))
+
+
+def unknown_note(prompt: str, completion: str, tokenizer: Any) -> str:
+    """A warning naming the typed words outside the vocabulary (they become the unknown token), or ""."""
+    words = list(dict.fromkeys(unknown_words(prompt, tokenizer) + unknown_words(completion, tokenizer)))
+    if not words:
+        return ""
+    unk = getattr(tokenizer, "unk_token", None) or "the unknown token"
+    many = len(words) > 1
+    return (f"{len(words)} typed word{'s are' if many else ' is'} outside the tokenizer's vocabulary and became {unk}: "
+            f"{', '.join(repr(w) for w in words)}; the scores are for the query as the model reads it, with {unk} in "
+            f"{'their' if many else 'its'} place.")
+
+
 def text_query(prompt: str, completion: str, tokenizer: Any, context: int | None,
                label: str | None = None) -> QuerySpec:
     """A typed prompt/completion query, truncated from the left with a note when it exceeds the context."""
@@ -236,6 +297,7 @@ def text_query(prompt: str, completion: str, tokenizer: Any, context: int | None
     label = label or f"{_short(prompt, 50)} →{_short(completion, 20)}"
     ids, labels, note = _fit(ids, labels, context, "the query")
     api = {"prompt": prompt, "completion": completion} if not note else {"input_ids": ids, "labels": labels}
+    note = " ".join(n for n in (note, unknown_note(prompt, completion, tokenizer)) if n)
     return QuerySpec(label, api, ids, [lab != IGNORE_INDEX for lab in labels], prompt, completion, note)
 
 

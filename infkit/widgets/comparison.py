@@ -27,6 +27,7 @@ from infkit.widgets.common import (
     divisors,
     json_values,
     make_query,
+    mode_text,
     token_texts,
     tokenizer_of,
 )
@@ -155,13 +156,20 @@ class EstimatorComparison(W.VBox):
                                            tooltips=[MODES[m] for _, m in MODE_OPTIONS])
         self.mode_picker.style.button_width = "11em"
         self.scatter = ScoreScatter()
-        self.agreement_box = W.HTML()
-        self.cost_box = W.HTML(f'<div class="ik">{self._cost_html()}</div>')
+        # The agreement table sits beside the scatter when there is room and goes under it when not (the row wraps);
+        # narrower than the table, its box scrolls sideways instead of cutting it off (widgets.css: .ikw-wide).
+        wide = dict(flex="0 1 auto", min_width="0", max_width="100%")
+        self.agreement_box = W.HTML(layout=W.Layout(**wide))
+        self.agreement_box.add_class("ikw-wide")
+        self.cost_box = W.HTML(f'<div class="ik">{H.scroll(self._cost_html())}</div>', layout=W.Layout(**wide))
+        self.cost_box.add_class("ikw-wide")
         self.error_box = W.HTML()
         self.pair_map = TokenHeatmap(normalization="row")
         super().__init__(children=[
             W.HBox([self.x_picker, self.y_picker, self.query_picker]), self.mode_picker, self.error_box,
-            W.HBox([self.scatter, self.agreement_box]), self.cost_box, self.pair_map,
+            W.HBox([self.scatter, self.agreement_box], layout=W.Layout(flex_flow="row wrap", align_items="flex-start",
+                                                                        max_width="100%")),
+            self.cost_box, self.pair_map,
         ])
         self.add_class("ikw-comparison")
         for control in (self.x_picker, self.y_picker, self.query_picker, self.mode_picker):
@@ -173,6 +181,9 @@ class EstimatorComparison(W.VBox):
     @property
     def mode(self) -> str:
         return self.mode_picker.value
+
+    def _mode_text(self) -> str:
+        return mode_text(self.mode, [an.estimator.name for an in self.analyses.values()])
 
     @contextlib.contextmanager
     def _guard(self, what: str) -> Iterator[None]:
@@ -278,7 +289,7 @@ class EstimatorComparison(W.VBox):
                     self.scatter.selected = [qs[flat // self.n_train], flat % self.n_train]
             finally:
                 self._quiet = False
-            self.agreement_box.value = f'<div class="ik">{self._agreement_html()}</div>'
+            self.agreement_box.value = f'<div class="ik">{H.scroll(self._agreement_html())}</div>'
             self._show_pair()
 
     def pair_rows(self, q: int, i: int) -> list[HeatmapRow]:
@@ -331,10 +342,10 @@ class EstimatorComparison(W.VBox):
             sel = (float(self.shown(x)[q, i]), float(self.shown(y)[q, i]))
         fig = scatter_figure(sx, sy, self.scatter.xlabel, self.scatter.ylabel, self.scatter.title, sel)
         parts = [H.note(f"Estimators compared: {', '.join(self.analyses)} on {self.n_query} queries × {self.n_train} "
-                        f"train examples; showing {MODES[self.mode]}."),
+                        f"train examples; showing {self._mode_text()}."),
                  H.figure(fig, f"scatter of {y} against {x}", "Red: both say proponent; blue: both say opponent; "
                           "grey: they disagree. The ringed point is the selected pair."),
-                 self._agreement_html(), self._cost_html()]
+                 H.scroll(self._agreement_html()), H.scroll(self._cost_html())]
         if self.pair_map.row_data:
             parts.append(H.note(self.pair_map.caption))
             parts.append(H.legend(None))

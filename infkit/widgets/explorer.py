@@ -16,6 +16,9 @@ import traitlets as t
 from infkit.errors import InfkitError
 from infkit.ui import html as H
 from infkit.widgets.common import (
+    LOSS_LEGEND,
+    LOSS_PALETTE,
+    LOSS_TOP,
     MODE_OPTIONS,
     MODES,
     HeatmapRow,
@@ -23,9 +26,9 @@ from infkit.widgets.common import (
     context_length,
     divisors,
     make_query,
+    mode_text,
     query_token_losses,
     ranked,
-    scales_for,
     text_query,
     token_texts,
     tokenizer_of,
@@ -34,8 +37,8 @@ from infkit.widgets.common import (
 from infkit.widgets.heatmap import TokenHeatmap
 from infkit.widgets.static import explorer_html, layer_table
 
-QUERY_LEGEND = ("Query tokens: a measured (completion) token is coloured by its −log p under the model — their sum is "
-                "the query's loss f, the measurement every score is about; prompt tokens are not measured (white).")
+#: The query row's legend: its own one-sided, fixed scale of −log p (not the influence colours).
+QUERY_LEGEND = LOSS_LEGEND
 
 
 @dataclass
@@ -47,11 +50,11 @@ class ExplorerView:
     notes: list[str] = field(default_factory=list)
     error: str = ""
     query_row: HeatmapRow | None = None
-    query_scale: float = 1.0
+    query_scale: float = LOSS_TOP  # −log p at full (dark) colour: a fixed, absolute scale
     query_caption: str = ""
     proponents: list[HeatmapRow] = field(default_factory=list)
     opponents: list[HeatmapRow] = field(default_factory=list)
-    token_scale: float = 1.0
+    token_scale: H.Scale | float = 1.0
     layers: dict[str, float] = field(default_factory=dict)
     layers_caption: str = ""
 
@@ -135,7 +138,8 @@ class InfluenceExplorer(W.VBox):
         self.score_button = W.Button(description="Score this query", icon="search", button_style="primary")
         self.status = W.HTML()
         self.error_box = W.HTML()
-        self.query_map = TokenHeatmap(caption="The query", legend=QUERY_LEGEND, value_label="−log p")
+        self.query_map = TokenHeatmap(caption="The query", legend=QUERY_LEGEND, value_label="−log p",
+                                      scale=LOSS_TOP, palette=LOSS_PALETTE, scale_kind="sequential")
         self.heatmap = TokenHeatmap(caption="Top proponents and opponents (click a row for its layer-wise split)")
         self.heatmap.add_class("ikw-topk")
         self.query_map.add_class("ikw-querymap")
@@ -285,6 +289,7 @@ class InfluenceExplorer(W.VBox):
             est, pos, k, mode = self.estimator, self.query_picker.value, self.k, self.mode
             spec = self.queries[pos]
             an = self.analyses[est]
+            shown_text = mode_text(mode, an.estimator.name)
             result, q = self._result(est, pos)
             if mode == "self":
                 with self._busy(f"self-influence of every training example with {est} (computed once, then kept)"):
@@ -310,7 +315,7 @@ class InfluenceExplorer(W.VBox):
 
             self._quiet = True
             try:
-                self.heatmap.caption = f"Top {k} proponents and opponents — {MODES[mode]}. Click a row for its layers."
+                self.heatmap.caption = f"Top {k} proponents and opponents — {shown_text}. Click a row for its layers."
                 self.heatmap.set_rows(rows)
                 self.heatmap.locked = []
                 self.heatmap.selected_row = 0 if rows else -1
@@ -323,14 +328,13 @@ class InfluenceExplorer(W.VBox):
             finally:
                 self._quiet = False
 
-            state = (f"Estimator {est} · query {pos} “{spec.label}” · top {len(pro)} · showing {MODES[mode]} · "
+            state = (f"Estimator {est} · query {pos} “{spec.label}” · top {len(pro)} · showing {shown_text} · "
                      "ranked by the shown value")
             self.view = ExplorerView(
-                state_line=state, mode_text=MODES[mode], notes=notes, query_row=query_row,
-                query_scale=self.query_map.scales[0] if query_row is not None else 1.0,
-                query_caption=QUERY_LEGEND,
+                state_line=state, mode_text=shown_text, notes=notes, query_row=query_row,
+                query_scale=LOSS_TOP, query_caption=QUERY_LEGEND,
                 proponents=rows[: len(pro)], opponents=rows[len(pro):],
-                token_scale=scales_for(rows, "shared")[0] if rows else 1.0,
+                token_scale=H.scale_of([r.values for r in rows], self.heatmap.clip) if rows else 1.0,
             )
             self._show_layers()
             notes_html = "".join(f'<div class="ikw-note">⚠ {H.esc(n)}</div>' for n in notes)
@@ -353,7 +357,8 @@ class InfluenceExplorer(W.VBox):
         column = result.train_indices.index(row.index) if result.train_indices is not None else row.index
         div = float(self._divisor[column]) if self._divisor is not None else 1.0
         parts = {name: value / div for name, value in result.layer_shares(q, row.index).items()}
-        caption = (f"Layer-wise split of {row.label} ({MODES[self.mode]}): each tracked layer's part; they sum to "
+        shown_text = mode_text(self.mode, self.analyses[self.estimator].estimator.name)
+        caption = (f"Layer-wise split of {row.label} ({shown_text}): each tracked layer's part; they sum to "
                    f"the score {H.fmt(sum(parts.values()), 4)}")
         self.view.layers, self.view.layers_caption = parts, caption
         self.layers_box.value = f'<div class="ik">{layer_table(parts, caption)}</div>'

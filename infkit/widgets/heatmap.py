@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import anywidget
@@ -11,7 +13,7 @@ import traitlets as t
 from infkit.errors import InfkitError
 from infkit.ui import html as H
 from infkit.widgets import _assets
-from infkit.widgets.common import PALETTE, SIGN_LEGEND, HeatmapRow, scales_for, token_texts
+from infkit.widgets.common import PALETTE, SIGN_LEGEND, HeatmapRow, scale_note, scales_for, token_texts
 from infkit.widgets.static import heatmap_html
 
 
@@ -26,13 +28,18 @@ class TokenHeatmap(anywidget.AnyWidget):
         rows: several, as :class:`HeatmapRow` (or dicts of its fields).
         normalization: "shared" (one colour scale for all rows, default) or "row" (each row its own).
         scale: a fixed |value| for the full colour (overrides ``normalization``).
-        clip: quantile of |values| that gets the full colour (1.0: the largest; 0.99 clips outliers).
+        clip: quantile of |values| that gets the full colour — default 0.99, the 99th percentile, so one outlier
+            token does not leave the others pale (the tokens beyond it are drawn at full colour and the legend says
+            how many); None or 1.0: the largest |value|.
         caption, legend: a title line and the one-line legend (default: the influence sign).
         special: indices of special tokens (single-sequence form).
+        palette, scale_kind: the colour ends ({"pos": rgb, "neg": rgb}) and "diverging" (default) or "sequential"
+            (a one-sided scale, e.g. a loss: white 0 … dark at ``scale``, with its own legend).
 
-    Synced traits: ``rows``, ``scales``, ``normalization``, ``locked`` ([row, token] after a click, [] when none),
-    ``selected_row`` (the row last clicked, -1 none), ``busy``. Python-side: :attr:`row_data` (the rows with float
-    values), :meth:`set_rows`, :meth:`static_html`.
+    Synced traits: ``rows``, ``scales``, ``scale_note`` (what the legend says about the scale), ``normalization``,
+    ``locked`` ([row, token] after a click, [] when none), ``selected_row`` (the row last clicked, -1 none),
+    ``busy``. Python-side: :attr:`row_data` (the rows with float values), :meth:`set_rows`, :meth:`static_html`,
+    :meth:`save_html`.
     """
 
     _esm = _assets.asset("heatmap.js")
@@ -42,7 +49,9 @@ class TokenHeatmap(anywidget.AnyWidget):
     scales = t.List(t.Float()).tag(sync=True)
     normalization = t.Enum(("shared", "row"), default_value="shared").tag(sync=True)
     scale = t.Float(None, allow_none=True)
-    clip = t.Float(1.0)
+    clip = t.Float(H.DEFAULT_CLIP, allow_none=True)
+    scale_note = t.Unicode("").tag(sync=True)
+    scale_kind = t.Enum(("diverging", "sequential"), default_value="diverging").tag(sync=True)
     locked = t.List(t.Int(), maxlen=2).tag(sync=True)
     selected_row = t.Int(-1).tag(sync=True)
     palette = t.Dict(PALETTE).tag(sync=True)
@@ -79,16 +88,29 @@ class TokenHeatmap(anywidget.AnyWidget):
         data = [r if isinstance(r, HeatmapRow) else HeatmapRow(**r) for r in rows]
         self.row_data = data
         with self.hold_sync():
-            self.scales = scales_for(data, self.normalization, self.scale, self.clip)
+            self._set_scales()
             self.rows = [r.to_json() for r in data]
             if self.locked and not (self.locked[0] < len(data) and self.locked[1] < len(data[self.locked[0]].tokens)):
                 self.locked = []
             if self.selected_row >= len(data):
                 self.selected_row = -1
 
+    @t.validate("clip")
+    def _valid_clip(self, proposal: dict) -> float | None:
+        clip = proposal["value"]
+        if clip is not None and not 0.0 < clip <= 1.0:
+            raise t.TraitError(f"clip={clip!r}: give a quantile in (0, 1] (0.99 is the default), or None for the "
+                               "largest |value|")
+        return clip
+
+    def _set_scales(self) -> None:
+        self.scales = scales_for(self.row_data, self.normalization, self.scale, self.clip)
+        self.scale_note = scale_note(self.row_data, self.normalization, self.scale, self.clip)
+
     @t.observe("normalization", "scale", "clip")
     def _rescale(self, change: dict) -> None:
-        self.scales = scales_for(self.row_data, self.normalization, self.scale, self.clip)
+        with self.hold_sync():
+            self._set_scales()
 
     @property
     def locked_value(self) -> tuple[int, int, str, float] | None:
@@ -101,7 +123,16 @@ class TokenHeatmap(anywidget.AnyWidget):
 
     def static_html(self) -> str:
         return heatmap_html(self.row_data, self.scales, self.caption, self.legend, self.normalization,
-                            self.value_label)
+                            self.value_label, scale=self.scale, clip=self.clip, palette=self.palette,
+                            kind=self.scale_kind)
+
+    def save_html(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """Write this heatmap to ``path`` as one self-contained HTML page (inline CSS, no script, nothing fetched),
+        every token included, and return the path. The folder must exist."""
+        body = heatmap_html(self.row_data, self.scales, self.caption, self.legend, self.normalization,
+                            self.value_label, max_tokens=sum(len(r.tokens) for r in self.row_data), scale=self.scale,
+                            clip=self.clip, palette=self.palette, kind=self.scale_kind)
+        return H.write_page(H.page(title or "Token heatmap", body), path)
 
     def _repr_html_(self) -> str:
         return self.static_html()

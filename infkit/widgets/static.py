@@ -13,7 +13,14 @@ from typing import Any
 
 from infkit.ui import html as H
 from infkit.ui.plots import short_layer_name
-from infkit.widgets.common import SIGN_LEGEND, HeatmapRow, ranked, train_text
+from infkit.widgets.common import (
+    LOSS_PALETTE,
+    SIGN_LEGEND,
+    HeatmapRow,
+    ranked,
+    scale_note,
+    train_text,
+)
 
 #: Long sequences wrap between tokens (a token keeps its own spaces visible), and a token with no space in it
 #: may break anywhere rather than overflow.
@@ -30,9 +37,17 @@ def _score_span(value: float) -> str:
     return f'<span class="ik-mono {kind}">{H.esc(H.fmt(value, 4))}</span>'
 
 
-def heatmap_rows_html(rows: Sequence[HeatmapRow], scales: Sequence[float], value_label: str = "value") -> str:
+def _palette(palette: dict | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if not palette:
+        return H.RED, H.BLUE
+    return tuple(palette["pos"]), tuple(palette["neg"])
+
+
+def heatmap_rows_html(rows: Sequence[HeatmapRow], scales: Sequence[float], value_label: str = "value",
+                      palette: dict | None = None) -> str:
     """Heatmap rows with their heads (label, score, detail) and group headings; hover titles give the token index,
-    the raw value and the value / scale."""
+    the raw value and the value / scale. ``palette``: {"pos": rgb, "neg": rgb}, default red / blue."""
+    ends = _palette(palette)
     parts: list[str] = []
     group = None
     for row, scale in zip(rows, scales):
@@ -49,7 +64,7 @@ def heatmap_rows_html(rows: Sequence[HeatmapRow], scales: Sequence[float], value
         titles = [H.token_title(t, v, scale, f"  token {k}  ({value_label})") for k, (t, v) in
                   enumerate(zip(row.tokens, row.values))]
         special = {row.tokens[k] for k in row.special if 0 <= k < len(row.tokens)}
-        body = H.token_row(row.tokens, row.values, scale, special, titles) if row.tokens else \
+        body = H.token_row(row.tokens, row.values, scale, special, titles, ends) if row.tokens else \
             '<span class="ik-rank">(no tokens)</span>'
         heading = f'<div class="ik-note">{" ".join(head)}</div>' if head else ""
         parts.append(f'<div style="margin:0.2em 0 0.5em">{heading}{body}</div>')
@@ -78,20 +93,29 @@ def _capped(rows: Sequence[HeatmapRow], limit: int) -> tuple[list[HeatmapRow], i
 
 def heatmap_html(rows: Sequence[HeatmapRow], scales: Sequence[float], caption: str = "", legend: str = SIGN_LEGEND,
                  normalization: str = "shared", value_label: str = "influence",
-                 max_tokens: int = STATIC_MAX_TOKENS) -> str:
+                 max_tokens: int = STATIC_MAX_TOKENS, scale: float | None = None, clip: float | None = H.DEFAULT_CLIP,
+                 palette: dict | None = None, kind: str = "diverging") -> str:
     """A whole :class:`~infkit.widgets.TokenHeatmap` as a fragment (stylesheet included), with at most
-    ``max_tokens`` tokens (a note says how many more the live view shows)."""
-    shared = normalization != "row" and len(set(scales)) <= 1
-    scale_text = (f"one colour scale shared by all rows (±{H.fmt(scales[0], 3).lstrip('+')})" if shared and scales
-                  else "one colour scale per row")
+    ``max_tokens`` tokens (a note says how many more the live view shows). ``scale`` and ``clip`` are how
+    ``scales`` were chosen (the legend says so); ``kind="sequential"`` draws a one-sided scale (a loss: white 0 …
+    dark ≥ ``scales[0]``) with its own legend."""
     parts = [H.note(caption)] if caption else []
-    if legend == SIGN_LEGEND:
-        parts.append(H.legend(scales[0] if shared and scales else None, "shared by all rows"))
+    if kind == "sequential":
+        parts.append(H.loss_legend(scales[0] if scales else 1.0, legend))
     else:
-        parts.append(H.note(legend))
-    parts.append(H.note(f"Colours: {scale_text}; hatched grey = NaN."))
+        shared = normalization != "row" and len(set(scales)) <= 1
+        if legend == SIGN_LEGEND:
+            if shared and scales:
+                sc = H.Scale(float(scale)) if scale is not None else H.scale_of([r.values for r in rows],
+                                                                                   clip)
+                parts.append(H.legend(sc, "shared by all rows"))
+            else:
+                parts.append(H.legend(None))
+        else:
+            parts.append(H.note(legend))
+        parts.append(H.note(f"Colours: {scale_note(rows, normalization, scale, clip)}; hatched grey = NaN."))
     shown, left_out = _capped(rows, max_tokens)
-    parts.append(heatmap_rows_html(shown, scales, value_label))
+    parts.append(heatmap_rows_html(shown, scales, value_label, palette))
     if left_out:
         parts.append(H.note(f"… and {left_out} more tokens: this static copy stops at {max_tokens} tokens; the live "
                             "widget shows them all."))
@@ -133,12 +157,12 @@ def explorer_html(view: Any) -> str:
     if view.error:
         parts.append(f'<p class="ik-note" style="color:#7a0c1a">Error: {H.esc(view.error)}</p>')
     if view.query_row is not None:
-        parts.append(H.note(view.query_caption))
-        parts.append(heatmap_rows_html([view.query_row], [view.query_scale], "−log p"))
+        parts.append(H.loss_legend(view.query_scale, view.query_caption))
+        parts.append(heatmap_rows_html([view.query_row], [view.query_scale], "−log p", LOSS_PALETTE))
     scale = view.token_scale
     specials = {r.tokens[k] for r in view.proponents + view.opponents for k in r.special if k < len(r.tokens)}
     score_scale = H.shared_scale([[r.score for r in view.proponents + view.opponents if r.score is not None]])
-    parts.append(H.legend(scale, "token colours, shared by all rows below"))
+    parts.append(H.legend(scale, "token colours, shared by all rows below"))  # a Scale: says how it was chosen
     if view.proponents:
         parts.append(H.top_list(top_items(view.proponents), scale, score_scale, special_tokens=specials,
                                 caption=f"Top {len(view.proponents)} proponents — {view.mode_text}"))
