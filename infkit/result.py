@@ -1,6 +1,6 @@
 """What a scoring call returns: :class:`InfluenceResult`, :class:`Top` and :class:`TokenScores`.
 
-Sign (DESIGN.md §2): score(q, i) = ∇f(z_q)ᵀ (G + λI)⁻¹ ∇L(z_i) with f the query's loss. Positive: up-weighting
+Sign (docs/design.md §2): score(q, i) = ∇f(z_q)ᵀ (G + λI)⁻¹ ∇L(z_i) with f the query's loss. Positive: up-weighting
 training example i lowers the query's loss — a proponent. Negative: an opponent.
 """
 

@@ -1,7 +1,7 @@
 """Tasks: what a model's training loss and a query's measurement are.
 
 A task turns a list of examples into a batch (``collate``), runs the model (``forward``), and gives per-example
-losses. infkit's conventions (DESIGN.md §2):
+losses. infkit's conventions (docs/design.md §2):
 
 * ``train_loss(model, batch, sample=...)`` returns one loss per example, a **sum** over its tokens, shape [B].
   With ``sample`` a list of ``torch.Generator`` (one per example), the labels are drawn from the model's own

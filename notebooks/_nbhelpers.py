@@ -1,7 +1,8 @@
 """Small builders shared by the evaluation notebooks (04-06): tiny models from configs, offline data, text tables.
 
-Nothing here computes influence; the notebooks call infkit's public API for that. Everything is seeded and
-built locally (no download), so the notebooks' outputs are reproducible.
+Nothing here computes influence; the notebooks call infkit's public API for that. Everything is seeded, built
+locally (no download) and trained in float64: these models are trained inside the notebooks, and training amplifies
+the last-bit differences between CPUs (AVX2 vs AVX-512 kernels); in float64 they stay far below the printed digits.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def bert_classifier(vocab_size: int, num_labels: int = 4, seed: int = 0, hidden:
 def pretrain_mlm(tokenizer, texts: list[str], steps: int = 200, lr: float = 3e-3, seed: int = 0, hidden: int = 32,
                  length: int = 16, mask_prob: float = 0.25):
     """A 2-layer BERT (hidden 32) pretrained by masked-language modelling on unlabelled ``texts`` (full-batch
-    Adam, a fresh random mask each step); returns its state dict, to start a classifier from."""
+    Adam, a fresh random mask each step, float64); returns its state dict, to start a classifier from."""
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
@@ -198,7 +199,7 @@ def pretrain_mlm(tokenizer, texts: list[str], steps: int = 200, lr: float = 3e-3
         intermediate_size=2 * hidden, max_position_embeddings=32, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, pad_token_id=0, attn_implementation="eager",
     )
-    model = BertForMaskedLM(config)
+    model = BertForMaskedLM(config).double()  # float64: another CPU's rounding must not grow into another model
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     ids, attention = enc["input_ids"], enc["attention_mask"]
     g = torch.Generator().manual_seed(seed)

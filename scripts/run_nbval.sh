@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Run every notebook in notebooks/ under strict nbval (or, with --refresh, re-execute them and store outputs).
+# --other-cpu [NOTEBOOK...]: run the notebooks (default: all of them) as another machine would: torch's other CPU kernels
+# (ATEN_CPU_CAPABILITY=avx2 where this CPU has AVX-512, else the portable "default" kernels) and two threads where the
+# notebook asks for one. The stored outputs must hold there too (they were stored on some other machine).
 # A notebook whose metadata has "infkit": {"requires": ["smollm2", ...]} needs real pretrained models (infkit.models,
 # installed by `make real`); it runs only when they are installed, and is reported as skipped otherwise.
 set -euo pipefail
@@ -27,6 +30,26 @@ PY
 if [ ${#notebooks[@]} -eq 0 ]; then
   echo ">> nbval: every notebook was skipped"
   exit 0
+fi
+if [ "${1:-}" = "--other-cpu" ]; then
+  shift
+  if [ $# -eq 0 ]; then set -- "${notebooks[@]}"; fi
+  here=$("$VENV/bin/python" -c "import torch; print(torch.backends.cpu.get_cpu_capability())")
+  if [ "$here" = "AVX512" ]; then other=avx2; else other=default; fi
+  startup=$(mktemp -d)
+  mkdir -p "$startup/profile_default/startup"
+  # Kernels read IPython's startup folder: make the notebooks' torch.set_num_threads(1) run on two threads.
+  cat > "$startup/profile_default/startup/00-two-threads.py" <<'PY'
+import torch
+_set_num_threads = torch.set_num_threads
+torch.set_num_threads = lambda n: _set_num_threads(max(int(n), 2))
+PY
+  echo ">> nbval as another CPU: torch kernels '$other' (this CPU: $here), two threads: $*"
+  status=0
+  ATEN_CPU_CAPABILITY=$other IPYTHONDIR="$startup" "$VENV/bin/python" -m pytest -p no:cacheprovider --nbval \
+    --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg "$@" || status=$?
+  rm -rf "$startup"
+  exit $status
 fi
 if [ "${1:-}" = "--refresh" ]; then
   for nb in "${notebooks[@]}"; do

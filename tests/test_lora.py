@@ -55,7 +55,7 @@ def analysis(model, data, estimator, task=None, **kwargs):
 
 
 def datainf_by_loop(train: torch.Tensor, query: torch.Tensor, layers, damping) -> torch.Tensor:
-    """DESIGN.md §2 written out: per layer, (1/(nλ)) Σ_i (v − (g_iᵀv)/(λ + ‖g_i‖²) g_i), one example at a time."""
+    """docs/design.md §2 written out: per layer, (1/(nλ)) Σ_i (v − (g_iᵀv)/(λ + ‖g_i‖²) g_i), one example at a time."""
     n = train.shape[0]
     scores = torch.zeros(query.shape[0], n, dtype=torch.float64)
     start = 0

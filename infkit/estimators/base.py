@@ -4,7 +4,7 @@ An estimator sees tensors only (capture is elsewhere). Gradients travel as ``{la
 dicts, laid out as in :mod:`infkit.capture`. Adding an estimator is one file with a subclass decorated by
 ``@register("name")``.
 
-Damping (DESIGN.md §2): ``damping=None`` uses the estimator's own heuristic; a float is the absolute λ added to
+Damping (docs/design.md §2): ``damping=None`` uses the estimator's own heuristic; a float is the absolute λ added to
 the curvature of every layer; a dict ``{layer name: λ}`` sets layers one by one (layers it omits use the
 heuristic).
 """

@@ -138,7 +138,7 @@ class EKFAC(KroneckerEigenbasis):
         self.fit_kronecker_factors(passes)
         sums = {n: 0.0 for n in self.layers}
         # With the empirical Fisher the correction pass sees the very gradients the train-side cache needs: keep
-        # them (rotated) and divide by Λ + λ afterwards, so fitting and caching are one pass (DESIGN.md §2).
+        # them (rotated) and divide by Λ + λ afterwards, so fitting and caching are one pass (docs/design.md §2).
         keep = self.train_store if passes.fisher == "empirical" else None
         for cb in passes.iterate("fisher", desc="ekfac: eigenvalue correction"):
             rows = slice(cb.indices[0], cb.indices[-1] + 1)  # batches are consecutive examples
