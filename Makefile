@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 venv:
 	@bash scripts/setup_venv.sh
 
-# The main job on the embedded demo: trains the demo model on first use (cached in ~/.cache/infkit), then writes
-# one self-contained HTML report.
+# The main job on the embedded demo: loads the demo model's shipped weights, then writes one self-contained HTML
+# report.
 demo: venv
 	$(PY) -m infkit report --mkdir --out build/infkit-report.html
 

@@ -30,7 +30,8 @@ TENSORS = "tensors.safetensors"
 META = "analysis.json"
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (saves and the demos' weights are checked with it)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -76,7 +77,7 @@ def save(analysis, path: str | os.PathLike) -> Path:
     staging.mkdir()
     try:
         save_file(tensors, str(staging / TENSORS))
-        meta["tensors_sha256"] = _sha256_file(staging / TENSORS)
+        meta["tensors_sha256"] = sha256_file(staging / TENSORS)
         meta["meta_sha256"] = _self_checksum(meta)
         (staging / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
         _swap_into_place(staging, target)
@@ -114,7 +115,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raise InfkitError(f"{folder / META} is damaged (not valid JSON: {err}); save the analysis again") from err
     if meta.get("meta_sha256") != _self_checksum(meta):
         raise InfkitError(f"{folder / META} was edited or damaged (its checksum does not match); save it again")
-    if _sha256_file(folder / TENSORS) != meta.get("tensors_sha256"):
+    if sha256_file(folder / TENSORS) != meta.get("tensors_sha256"):
         raise InfkitError(
             f"{folder / TENSORS} is truncated or was modified (its sha256 differs from the one saved); "
             "save the analysis again"

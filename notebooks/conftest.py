@@ -1,16 +1,18 @@
-"""nbval, strict, with one allowance: a printed number may differ by one unit in its last printed digit.
+"""nbval, strict, with one allowance: a printed measurement may differ by one unit in its last printed digit.
 
-Why: the notebooks print numbers at a stated precision (``infkit.fmt``: three significant digits unless a cell says
-otherwise). Another CPU's kernels (AVX2 vs AVX-512, one thread vs two) change the last bits of a computation, and a
-value that lies on a rounding boundary then prints one unit higher or lower ("420" vs "421", "0.86" vs "0.87").
-That is not a regression; an estimator that is wrong changes numbers far more than that, and changes text.
+Why: the notebooks print numbers at a stated precision (``infkit.fmt``: three significant digits, trailing zeros
+kept, unless a cell says otherwise). Another CPU's kernels (AVX2 vs AVX-512, one thread vs two) change the last bits
+of a computation, and a value that lies on a rounding boundary then prints one unit higher or lower ("+420" vs
+"+421", "0.86" vs "0.87"). That is not a regression; an estimator that is wrong changes numbers far more than that,
+and changes text.
 
 How: after nbval's sanitizers ran, a stored and a new output that differ are compared once more, token by token: the
 text between numbers must be the same (runs of spaces may differ in length, as padded columns do), there must be as
-many numbers, and each new number must lie within one unit of the stored number's last printed digit ("420" ± 1,
-"0.86" ± 0.01, "2.75e+03" ± 10). If so, the output counts as equal. Anything else fails as nbval always does.
-Integers get the same allowance (a count of 24/24 may read 23/24 only on a boundary — it never is, but the rule does
-not know which numbers are counts).
+many numbers, and each number must be the same, except that a *measurement* — a number written with a decimal point,
+an exponent or an explicit sign ("0.86", "2.75e+03", "+420", "-4253") — may lie within one unit of the stored
+number's last printed digit ("+420" ± 1, "0.860" ± 0.001, "2.75e+03" ± 10). Bare integers (train indices, token ids,
+counts such as "24/24") and "0" must match exactly, so an off-by-one in a ranking still fails. Anything else fails
+as nbval always does.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import re
 
 import pytest
 
-NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+# A number not glued to a word or a dot ("h.0.attn" holds none; "ranks 1-193" holds 1 and 193, both bare).
+NUMBER = re.compile(r"(?<![\w.])(?:[-+](?=[\d.]))?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 SPACES = re.compile(r"[ \t]+")
 
 
@@ -31,8 +34,13 @@ def _unit(token: str) -> float:
     return 10.0 ** (int(exponent or 0) - decimals)
 
 
+def _is_measurement(token: str) -> bool:
+    """Written as a measurement (a decimal point, an exponent or a sign), not as a bare integer or "0"."""
+    return token[0] in "+-" or "." in token or "e" in token.lower()
+
+
 def same_up_to_last_digit(stored: str, new: str) -> bool:
-    """True when ``new`` is ``stored`` with each number within one unit of its stored last digit."""
+    """True when ``new`` is ``stored`` with each measurement within one unit of its stored last digit."""
     stored_numbers, new_numbers = NUMBER.findall(stored), NUMBER.findall(new)
     if len(stored_numbers) != len(new_numbers):
         return False
@@ -40,7 +48,14 @@ def same_up_to_last_digit(stored: str, new: str) -> bool:
     new_text = [SPACES.sub(" ", part) for part in NUMBER.split(new)]
     if stored_text != new_text:
         return False
-    return all(abs(float(a) - float(b)) <= 1.000001 * _unit(a) for a, b in zip(stored_numbers, new_numbers))
+    for a, b in zip(stored_numbers, new_numbers):
+        if a == b:
+            continue
+        if not (_is_measurement(a) and _is_measurement(b)) or float(a) == 0:
+            return False
+        if abs(float(a) - float(b)) > 1.000001 * _unit(a):
+            return False
+    return True
 
 
 def _text_slots(outputs, skip):

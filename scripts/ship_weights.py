@@ -4,7 +4,7 @@
 
 Run this only when a demo's corpus, architecture or recipe changes (and bump its VERSION): the shipped bytes are what
 every user and every stored notebook output rely on. Training is deterministic on one machine, so running it twice
-here writes the same bytes; another CPU writes a slightly different model.
+here writes the same weight files (the manifest's timings differ); another CPU writes a slightly different model.
 """
 
 from __future__ import annotations

@@ -365,3 +365,16 @@ def test_a_long_token_row_wraps_inside_its_box(browser):
     assert scroll_width <= client_width == 600
     assert height > 10 * 20  # many lines
     assert page.locator(".ik-tok").first.inner_text() == " word0"
+
+
+def test_the_widget_formats_numbers_as_python_does(browser):
+    """heatmap.js's fmt (what the live widget shows) and infkit.ui.html.fmt (its static copy) print the same text."""
+    source = (ROOT / "widgets" / "heatmap.js").read_text()
+    function = re.search(r"export function fmt\(.*?\n}\n", source, re.S).group(0).replace("export ", "")
+    values = [5.0, 0.5, -0.0451234, 420.3123, 999.6, 2745.2, 12345.0, -402942.0, 1.5e-7, 3.2e-4, 0.0, float("nan")]
+    page = browser.new_page()
+    shown = page.evaluate(f"(values) => {{ {function}; return values.map(Number).map((v) => [fmt(v), fmt(v, 4)]); }}",
+                          [v if v == v else "NaN" for v in values])
+    page.close()
+    # NaN does not survive JSON: it travels as the string "NaN", which Number() turns back into NaN
+    assert shown == [[H.fmt(v), H.fmt(v, 4)] for v in values]

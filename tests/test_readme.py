@@ -83,7 +83,6 @@ def test_number_agreement_rules():
     assert rf.Num(420.3, digits=3).render() == "420" and rf.Num(420.3, digits=3).agrees("420")
     assert not rf.Num(420.3, digits=3).agrees("421")
     assert rf.Num(-0.61, decimals=1).agrees("−0.6") and not rf.Num(-0.61, decimals=1).agrees("-0.7")
-    assert rf.Num(0.5000001, decimals=0).agrees("1") or rf.Num(0.5000001, decimals=0).agrees("0")  # on a boundary
     assert rf.Num(832, whole=True).agrees("832") and not rf.Num(832, whole=True).agrees("833")
     assert rf.Num(0.9712, decimals=2, floor=True).agrees("0.97")
     assert not rf.Num(0.9712, decimals=2, floor=True).agrees("0.98")  # a bound above the value

@@ -52,9 +52,9 @@ def test_top_list_shares_one_scale_and_shows_raw_and_normalised():
     items = [H.TopItem(3, 10.0, "a b", [" a", " b"], [8.0, 2.0], "capital"),
              H.TopItem(7, -4.0, "c", [" c"], [-4.0])]
     out = H.top_list(items, caption="Top")
-    assert out.count("<tr>") == 3 and ">+10<" in out and ">+1<" in out and ">-0.4<" in out
-    assert "normalised +1 (of ±8)" in out, "hover: raw and normalised on the shared scale"
-    assert "normalised -0.5 (of ±8)" in out
+    assert out.count("<tr>") == 3 and "+10.00" in out and "+1.0" in out and "-0.40" in out
+    assert "normalised +1.00 (of ±8.00)" in out, "hover: raw and normalised on the shared scale"
+    assert "normalised -0.500 (of ±8.00)" in out
     page = H.page("T", out + H.legend(8.0) + H.figure(b"\x89PNG fake", "alt"))
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "data:image/png;base64," in page
     assert "blue: opponent" in page and "red: proponent" in page
@@ -89,7 +89,7 @@ def test_translation_query_note_is_a_whole_sentence_computed_from_the_corpus():
 
 def test_fmt():
     assert H.fmt(420.3123) == "+420" and H.fmt(-0.0451234) == "-0.0451" and H.fmt(0) == "0"
-    assert H.fmt(float("nan")) == "NaN" and H.fmt(2745.2, 4) == "+2745" and H.fmt(1.5e-7) == "+1.5e-07"
+    assert H.fmt(float("nan")) == "NaN" and H.fmt(2745.2, 4) == "+2745" and H.fmt(1.5e-7) == "+1.50e-07"
 
 
 # -- the command -------------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def test_legend_states_the_clip_and_how_many_tokens_are_beyond_it():
     _tokens, values = article()
     text = H.legend(H.scale_of([values]), "shared by all rows")
     assert "clipped at the 99th percentile of |value|: 1 token beyond it drawn at full colour" in text
-    assert "scale −0.3 … 0 … +0.3" in text and "shared by all rows" in text
+    assert "scale −0.300 … 0 … +0.300" in text and "shared by all rows" in text
     assert "clipped" not in H.legend(H.scale_of([values], clip=None))
     assert H.count(1) == "1 token" and H.count(0) == "0 tokens"
     assert H.ordinal(0.99) == "99th" and H.ordinal(0.995) == "99.5th" and H.ordinal(0.91) == "91st"
@@ -77,7 +77,7 @@ def test_widget_default_scale_is_clipped_and_said_in_the_static_html_and_to_the_
     w = TokenHeatmap(rows=[HeatmapRow(tokens, values, label="article"), HeatmapRow([" x"], [0.1])])
     assert w.clip == 0.99 and w.scales == [pytest.approx(0.3)] * 2
     note = w.scale_note  # synced: the front-end's legend shows it
-    assert note == ("one colour scale shared by all rows, ±0.3, clipped at the 99th percentile of |value|: 1 token "
+    assert note == ("one colour scale shared by all rows, ±0.300, clipped at the 99th percentile of |value|: 1 token "
                     "beyond it drawn at full colour")
     assert "scale_note" in w.keys and "scale_note" in w.get_state()
     static = w.static_html()
@@ -90,7 +90,7 @@ def test_widget_default_scale_is_clipped_and_said_in_the_static_html_and_to_the_
     w.clip = 0.5
     assert w.scales[0] == pytest.approx(H.scale_of([values, [0.1]], 0.5).value)
     w.scale = 2.0
-    assert w.scales == [2.0, 2.0] and w.scale_note == "fixed colour scale ±2"
+    assert w.scales == [2.0, 2.0] and w.scale_note == "fixed colour scale ±2.00"
     w.scale, w.clip, w.normalization = None, 0.99, "row"
     assert w.scales == [pytest.approx(0.3), pytest.approx(0.1)]
     assert w.scale_note.startswith("one colour scale per row, clipped at the 99th percentile")
@@ -115,14 +115,8 @@ def test_save_html_is_one_call_and_writes_a_self_contained_page(tmp_path):
     assert "<style>" in text and ".ik .ik-tok" in text, "inline CSS"
     assert text.count('class="ik-tok') == 600, "every token, not the notebook copy's first 400"
     assert "clipped at the 99th percentile" in text and "an article" in text
-    # The same from plain rows, with no widget.
-    other = H.save_heatmap([(tokens, values), ([" a", " b"], [1.0, -1.0])], tmp_path / "rows.html",
-                           labels=["article", "two"], title="Two rows")
-    text = other.read_text(encoding="utf-8")
-    assert text.startswith("<!DOCTYPE html>") and "<script" not in text.lower() and "<title>Two rows</title>" in text
-    assert text.count('class="ik-tok') == 602 and "clipped at the 99th percentile" in text
     with pytest.raises(InfkitError, match="does not exist"):
-        H.save_heatmap([(tokens, values)], tmp_path / "missing" / "x.html")
+        w.save_html(tmp_path / "missing" / "x.html")
 
 
 def test_query_row_has_its_own_absolute_loss_scale_and_legend():

@@ -68,16 +68,19 @@ function hex(rgb) {
   return "#" + rgb.map((c) => c.toString(16).padStart(2, "0")).join("");
 }
 
-// The number format of infkit.ui.html.fmt: `digits` significant digits and a sign.
+// The number format of infkit.ui.html.fmt (infkit.fmt.num with a sign): `digits` significant digits, trailing
+// zeros kept; a whole number from 10**digits to 10**(digits+1); scientific notation beyond, and below 1e-4.
 export function fmt(v, digits = 3) {
   if (v === null || v === undefined) return "—";
   if (Number.isNaN(v)) return "NaN";
   if (!Number.isFinite(v)) return v > 0 ? "+inf" : "-inf";
   if (v === 0) return "0";
-  const mag = Math.floor(Math.log10(Math.abs(v)));
   const sign = v > 0 ? "+" : "";
-  if (mag >= -3 && mag < 5) return sign + v.toFixed(Math.max(0, digits - 1 - mag));
-  return sign + v.toExponential(digits - 1).replace(/e([+-])(\d)$/, "e$10$2");
+  const sci = () => sign + v.toExponential(digits - 1).replace(/e([+-])(\d)$/, "e$10$2");
+  const rounded = Math.abs(Number(v.toPrecision(digits)));
+  if (rounded >= 10 ** (digits + 1) || rounded < 1e-4) return sci();
+  if (rounded >= 10 ** digits) return sign + v.toFixed(0);
+  return sign + v.toPrecision(digits).replace(/\.$/, "");
 }
 
 function legendHtml(model, palette, scales) {

@@ -1,8 +1,9 @@
 """The embedded default: a small language model, its corpus and the analyses of Grosse et al. 2023, offline.
 
     from infkit import demo
+    from infkit.demo import story
     models = demo.load()          # the trained weights shipped with infkit, in about a second
-    story = demo.story.run(models)  # every analysis of the report, through the public API
+    told = story.run(models)      # every analysis of the report, through the public API
 
 See :mod:`infkit.demo.corpus` for what the model learns, :mod:`infkit.demo.model` for the shipped weights and
 retraining, :mod:`infkit.demo.story` for the analyses, and :mod:`infkit.demo.diffusion` for the diffusion demo.

@@ -12,7 +12,6 @@ This module holds only the folder mechanics — checksums, atomic writes, manife
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from infkit.errors import InfkitError
+from infkit.persist import sha256_file
 
 CACHE_ENV = "INFKIT_CACHE_DIR"
 MANIFEST = "manifest.json"
@@ -45,14 +45,6 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "infkit"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def plain_json(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists), for comparing with a manifest."""
     return json.loads(json.dumps(value))
@@ -67,7 +59,7 @@ def write_folder(path: Path, files: Iterable[str], write: Callable[[Path], None]
     tmp.mkdir()
     try:
         write(tmp)
-        manifest = {**manifest, "files": {name: sha256(tmp / name) for name in files}}
+        manifest = {**manifest, "files": {name: sha256_file(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if path.exists():
             shutil.rmtree(path)
@@ -104,7 +96,7 @@ def check_folder(path: Path, files: Iterable[str], expected: dict[str, Any]) -> 
         file = path / name
         if not file.exists():
             raise ValueError(f"{name} is missing")
-        if sha256(file) != manifest.get("files", {}).get(name):
+        if sha256_file(file) != manifest.get("files", {}).get(name):
             raise ValueError(f"{name} does not match its checksum (corrupt or truncated)")
     return manifest
 

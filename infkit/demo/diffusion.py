@@ -484,7 +484,8 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
         retrain: train again on this machine (about 5 minutes on one core) and write the weights to ``cache_dir``
             (default :func:`cache_path`); another CPU rounds differently, so the numbers then differ slightly.
         verbose: print what happens to stdout.
-        recipe: other settings (e.g. fewer steps for a quick test): always trained, and cached in ``cache_dir``.
+        recipe: other settings (e.g. fewer steps for a quick test): loaded from ``cache_dir`` when it holds weights
+            of that recipe, else trained and cached there.
     """
     recipe = recipe or Recipe()
     dataset = build_dataset(recipe)

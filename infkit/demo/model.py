@@ -300,8 +300,9 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
             kernels round differently and 120 epochs amplify that: the numbers then differ from the documented ones.
         verbose: print what happens (loaded / training / saved) to stdout.
         progress: called as ``progress(stage, done, total)`` during training (for progress bars).
-        recipe: other training settings (e.g. fewer epochs for a quick test): always trained, and cached in
-            ``cache_dir``; the shipped weights are the default :class:`Recipe`'s.
+        recipe: other training settings (e.g. fewer epochs for a quick test): loaded from ``cache_dir`` when it
+            holds weights of that recipe, else trained and cached there; the shipped weights are the default
+            :class:`Recipe`'s.
 
     A cache folder that cannot be read or written makes it retrain or keep the model in memory, with a
     :class:`DemoCacheWarning` saying why. Damaged shipped weights raise :class:`~infkit.demo.ShippedWeightsError`.
@@ -341,7 +342,8 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
         saved = save(path, corpus, recipe, tokenizer, base, lora, info)
     except OSError as err:
         say(f"infkit demo: cannot write the cache folder {path} ({err.strerror or err}); the trained model is kept "
-            f"in memory only and will be trained again next time. Set {CACHE_ENV} to a writable folder.", warn=True)
+            f"in memory only (a later load from this folder trains again). Set {CACHE_ENV} or cache_dir= to a "
+            "writable folder.", warn=True)
     else:
         say(f"infkit demo: trained in {info['base']['seconds'] + info['lora']['seconds']:.0f} s and cached in "
             f"{saved}")

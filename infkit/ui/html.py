@@ -431,28 +431,6 @@ def fragment(body: str) -> str:
     return f'{style_tag()}<div class="ik">{body}</div>'
 
 
-def heatmap_page(rows: Sequence[tuple[Sequence[str], Sequence[float]]], title: str = "Token heatmap",
-                 scale: float | None = None, clip: float | None = DEFAULT_CLIP, labels: Sequence[str] = (),
-                 special_tokens: Iterable[str] = (), subtitle: str | None = None) -> str:
-    """A whole page of token heatmap rows — each (tokens, values) — on one shared colour scale (``scale``, else
-    :func:`scale_of` the rows with ``clip``), with the legend; inline CSS, no script."""
-    rows = [(list(tokens), [float(v) for v in values]) for tokens, values in rows]
-    sc = Scale(float(scale)) if scale is not None else scale_of([v for _, v in rows], clip)
-    specials = list(special_tokens)
-    body = [legend(sc, "shared by all rows")]
-    for k, (tokens, values) in enumerate(rows):
-        head = f'<p class="ik-note">{esc(labels[k])}</p>' if k < len(labels) and labels[k] else ""
-        body.append(f'<div style="margin:0.2em 0 0.6em">{head}{token_row(tokens, values, sc.value, specials)}</div>')
-    return page(title, "".join(body), subtitle)
-
-
-def save_heatmap(rows: Sequence[tuple[Sequence[str], Sequence[float]]], path: str | os.PathLike,
-                 **options: Any) -> Path:
-    """Write :func:`heatmap_page` of ``rows`` (each (tokens, values)) to ``path``, a self-contained HTML file; returns
-    the path. ``options`` go to :func:`heatmap_page` (title, scale, clip, labels, special_tokens, subtitle)."""
-    return write_page(heatmap_page(rows, **options), path)
-
-
 def write_page(text: str, path: str | os.PathLike) -> Path:
     """Write an HTML page (UTF-8) to ``path``; its folder must exist (the error says so when it does not)."""
     target = Path(path).expanduser()

@@ -107,7 +107,7 @@ def image_tag(image: Any, scale: int = 4, value_range=(-1.0, 1.0), title: str | 
 
 
 def _format(value: float) -> str:
-    return fmt.num(value)
+    return fmt.num(value, sign=True)  # signed: a measurement, not an index (notebooks/conftest.py)
 
 
 class ImageInfluenceGrid:
