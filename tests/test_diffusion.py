@@ -445,7 +445,7 @@ def test_image_grid_static_html_is_self_contained_and_deterministic():
     assert "<script" not in page and "http" not in page and "train &lt;0&gt;" in page
     assert page.count("data:image/png;base64,") == 5  # the query, 2 proponents, 2 opponents
     assert "2/2 proponents style" in page and grid.marked_share(0) == 1.0
-    assert repr(grid).splitlines()[1] == "  query 0: proponents [0: 3, 4: 1.5]; opponents [3: -2, 1: -1]"
+    assert repr(grid).splitlines()[1] == "  query 0: proponents [0: +3.00, 4: +1.50]; opponents [3: -2.00, 1: -1.00]"
     import io
 
     pixels = (torch.arange(2 * 3 * 3) * 14).reshape(2, 3, 3).to(torch.uint8).numpy()
