@@ -7,16 +7,19 @@ default recipe (``infkit/demo/weights/<name>``), so every machine loads the same
 this machine's CPU kernels round during training. Retraining (``load(retrain=True)``) writes the same layout to the
 cache folder (``$INFKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/infkit``, else ``~/.cache/infkit``).
 
-This module holds only the folder mechanics — checksums, atomic writes, manifest checks — shared by both demos.
+This module holds what both demos share: the folder mechanics (checksums, atomic writes, manifest checks) and the
+context their training runs in (:func:`threads`, :func:`quiet`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +118,25 @@ def shipped_folder(name: str, files: Iterable[str], expected: dict[str, Any], ro
             "documented ones)."
         ) from err
     return path
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """torch on ``n`` CPU threads (at most the machine's cores) inside the block; the previous count after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """transformers, peft and diffusers warn about things that are expected here (Conv1D fan_in_fan_out, ...)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield

@@ -34,14 +34,13 @@ timesteps and noise, a fixed number of threads), not across CPUs: their kernels 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import math
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,29 +259,11 @@ def add_lora(base, recipe: Recipe | None = None):
     model = copy.deepcopy(base)
     config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_r, target_modules=list(recipe.lora_targets),
                         init_lora_weights=True)
-    with _quiet():
+    with _weights.quiet():
         model = inject_adapter_in_model(config, model, adapter_name=recipe.adapter)
     for name, p in model.named_parameters():
         p.requires_grad_(f"lora_A.{recipe.adapter}." in name or f"lora_B.{recipe.adapter}." in name)
     return model
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        yield
 
 
 def _fit(model, scheduler, images, labels, steps: int, lr: float, batch: int, seed: int,
@@ -332,7 +313,7 @@ def train(dataset: ShapesDataset, recipe: Recipe, verbose: bool = False):
     style = dataset.is_style
     images, labels = dataset.images, dataset.labels
     info: dict[str, Any] = {}
-    with _threads(recipe.threads):
+    with _weights.threads(recipe.threads):
         base = new_unet(recipe)
         start = time.perf_counter()
         losses = _fit(base, scheduler, images[~style], labels[~style], recipe.base_steps, recipe.base_lr,
@@ -503,14 +484,14 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
     if not retrain and cache_dir is None and recipe == Recipe():
         start = time.perf_counter()
         path = _weights.shipped_folder(SHIPPED_NAME, FILES, _expected(dataset, recipe))
-        with _quiet():
+        with _weights.quiet():
             base, lora, info = read(path, dataset, recipe)
         say(f"infkit diffusion demo: loaded the shipped UNets ({SHIPPED_NAME}) in {time.perf_counter() - start:.1f} s")
         return DiffusionDemo(dataset, base, lora, scheduler, recipe, "shipped", path, info, messages)
     if not retrain and path.exists():
         start = time.perf_counter()
         try:
-            with _quiet():
+            with _weights.quiet():
                 base, lora, info = read(path, dataset, recipe)
         except Exception as err:  # noqa: BLE001 - any failure to read means: retrain
             say(f"infkit diffusion demo: the cached model in {path} cannot be used ({err}); retraining it", warn=True)

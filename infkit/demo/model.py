@@ -93,20 +93,7 @@ def single_thread() -> Iterator[None]:
     """torch on one CPU thread inside the block. The demo's matrices are small: one thread is as fast as two, and
     it does not collapse when other processes share the cores (two threads fighting for busy cores made the
     report 25x slower on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """transformers and peft warn about things that are expected here (Conv1D fan_in_fan_out)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
+    with _weights.threads(1):
         yield
 
 
@@ -137,7 +124,7 @@ def wrap_lora(base, recipe: Recipe):
         r=recipe.lora_r, lora_alpha=2 * recipe.lora_r, target_modules=list(recipe.lora_targets), lora_dropout=0.0,
         fan_in_fan_out=True,  # GPT-2's Conv1D stores weights as [in, out]
     )
-    with _quiet():
+    with _weights.quiet():
         torch.manual_seed(recipe.seed + 1)  # LoRA A's initialisation draws from the global generator
         return get_peft_model(copy.deepcopy(base), config)
 
