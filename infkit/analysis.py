@@ -6,8 +6,9 @@
     an.self_influence()           # [n_train], >= 0
     an.token_scores(q, i)         # per-token split of res.scores[q, i]
 
-The flow (docs/design.md §3): query gradients (measurement) -> precondition by the estimator -> dot with the train
-gradients (data labels), layer by layer, so per-layer scores and their sum come out of one pass.
+The flow (docs/design.md §3): ``fit`` plans (:mod:`infkit.plan`), fits the estimator on passes over the train data
+(:mod:`infkit.passes`, :mod:`infkit.estimators`) and builds the cache (:mod:`infkit.cache`); ``scores`` takes the
+query gradients (the measurement) and hands them to a kernel of :mod:`infkit.scoring`. This module only wires them.
 """
 
 from __future__ import annotations
@@ -19,25 +20,17 @@ from typing import Any
 
 import torch
 
-from infkit import persist
+from infkit import cache as caches
+from infkit import persist, scoring
 from infkit.cache import Cache
 from infkit.capture import active_adapters, find_layers, ordinary_layers, tracked_summary
 from infkit.errors import InfkitError
 from infkit.estimators import make_estimator
 from infkit.estimators.base import Damping, Grads
 from infkit.passes import DataPasses, data_length, model_device
-from infkit.plan import (
-    Plan,
-    allocate_train_store,
-    build_cache,
-    default_memory_budget,
-    make_plan,
-    resolve_cache_dtype,
-    score_against_cache,
-)
+from infkit.plan import Plan, default_memory_budget, make_plan, resolve_cache_dtype
 from infkit.result import InfluenceResult, TokenScores
-from infkit.scores import low_rank_queries, score_low_rank
-from infkit.tasks import Task
+from infkit.tasks.base import Labels, Task
 
 FISHER_KINDS = ("sampled", "empirical")
 
@@ -108,7 +101,7 @@ class Analysis:
         self.cache_dtype = resolve_cache_dtype(cache_dtype)
         self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
         self.cache: Cache | None = None
-        self._train_passes = self._passes(train_data, "train")
+        self.train_passes = self._passes(train_data, "train")
         self._self_influence: torch.Tensor | None = None
 
     # -- passes -------------------------------------------------------------------------------------------
@@ -146,14 +139,13 @@ class Analysis:
         if self.progress:
             print(plan.summary())
         start = time.perf_counter()
-        if plan.cache_train and self.estimator.fuses_train_side(self.fisher):
-            self.estimator.train_store = allocate_train_store(self)
-        self.estimator.fit(self._train_passes)
+        fills = plan.cache_train and self.estimator.fills_train_side(self.fisher)
+        fitted = self.estimator.fit(self.train_passes, keep=caches.allocate_train_side(self) if fills else None)
         self.timings["fit"] = time.perf_counter() - start
         start = time.perf_counter()
-        self.cache = build_cache(self, plan)
+        self.cache = caches.build(self, plan, fitted, persist.fingerprint(self))
         self.timings["cache"] = time.perf_counter() - start
-        self.batch_size = self._train_passes.batch_size  # reduced if a batch ran out of memory
+        self.batch_size = self.train_passes.batch_size  # reduced if a batch ran out of memory
         self.fitted = True
         return self
 
@@ -185,7 +177,7 @@ class Analysis:
     def query_gradients(self, query_data: Any) -> Grads:
         """∇f(z_q) of each query, {layer: [n_query, d_out, d_in]}."""
         grads: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
-        for cb in self._passes(query_data, "query").iterate("measure", desc="query gradients"):
+        for cb in self._passes(query_data, "query").iterate(Labels.MEASUREMENT, desc="query gradients"):
             for name in self.layers:
                 grads[name].append(cb.grads(name))
         return {name: torch.cat(parts) for name, parts in grads.items()}
@@ -204,7 +196,7 @@ class Analysis:
         With the train side cached (the default when it fits the memory budget) this is one forward+backward per
         query plus a matrix product per layer. ``query_rank=k`` scores rank-k approximations of the
         preconditioned queries in one streamed pass over the train data instead (query batching; see
-        :mod:`infkit.scores`), for when the train side is not cached.
+        :mod:`infkit.scoring`), for when the train side is not cached.
 
         ``train_indices=[...]`` scores only those train examples (e.g. TF-IDF candidates from
         :mod:`infkit.retrieval`): the result's columns are those examples in that order (``result.train_indices``;
@@ -213,21 +205,21 @@ class Analysis:
         """
         self._require_fit("scores()")
         columns = self._check_train_indices(train_indices)
-        passes = self._train_passes if columns is None else self._passes([self.train_data[i] for i in columns], "train")
+        passes = self.train_passes if columns is None else self._passes([self.train_data[i] for i in columns], "train")
         start = time.perf_counter()
         query_grads = self.query_gradients(query_data)
         if query_rank is not None:
             if query_rank < 1:
                 raise InfkitError(f"query_rank must be >= 1, got {query_rank}")
-            factors = low_rank_queries(self.estimator.precondition(query_grads), query_rank)
-            per_layer = self._score_train_low_rank(factors, passes)
+            factors = scoring.low_rank_queries(self.estimator.precondition(query_grads), query_rank)
+            per_layer = scoring.streamed_low_rank(factors, passes)
         elif self.cache is not None and self.cache.train_side is not None:
             train_side = self.cache.train_side
             if columns is not None:
                 train_side = {n: t[torch.as_tensor(columns, device=t.device)] for n, t in train_side.items()}
-            per_layer = score_against_cache(self.estimator.query_side(query_grads), train_side)
+            per_layer = scoring.against_cache(self.estimator.query_side(query_grads), train_side)
         else:
-            per_layer = self._score_train(self.estimator.query_side(query_grads), passes)
+            per_layer = scoring.streamed(self.estimator, self.estimator.query_side(query_grads), passes)
         total = torch.stack(list(per_layer.values())).sum(dim=0)
         self.timings["scores"] = time.perf_counter() - start
         self._last_result = InfluenceResult(
@@ -254,59 +246,17 @@ class Analysis:
             raise InfkitError(f"train_indices {bad[:5]} are out of range for {self.n_train} train examples")
         return columns
 
-    def _score_train(self, query_side: Grads, passes: DataPasses | None = None) -> dict[str, torch.Tensor]:
-        """Σ_layers ⟨query side, train side⟩ for every train example (of ``passes``), streamed batch by batch."""
-        passes = passes or self._train_passes
-        n_query = next(iter(query_side.values())).shape[0]
-        per_layer = {name: torch.zeros(n_query, passes.n) for name in self.layers}
-        for cb in passes.iterate("true", desc="scoring train data"):
-            train_side = self.estimator.train_side_batch(cb)
-            for name, t in train_side.items():
-                q = query_side[name].to(t.dtype)
-                per_layer[name][:, cb.indices] = (q.flatten(1) @ t.flatten(1).T).cpu().to(torch.float32)
-        return per_layer
-
-    def _score_train_low_rank(self, factors, passes: DataPasses | None = None) -> dict[str, torch.Tensor]:
-        passes = passes or self._train_passes
-        n_query = next(iter(factors.values()))[1].shape[0]
-        per_layer = {name: torch.zeros(n_query, passes.n) for name in self.layers}
-        for cb in passes.iterate("true", desc="scoring train data (low-rank queries)"):
-            for name in self.layers:
-                scores = score_low_rank(factors[name], cb.activations[name], cb.output_grads[name])
-                per_layer[name][:, cb.indices] = scores.cpu().to(torch.float32)
-        return per_layer
-
     def self_influence(self) -> torch.Tensor:
         """∇L(z_i)ᵀ (G + λI)⁻¹ ∇L(z_i) for every train example, [n_train] (>= 0)."""
         self._require_fit("self_influence()")
-        if self._self_influence is not None:
-            return self._self_influence.clone()
-        values = self._self_influence_from_cache()
-        if values is not None:
-            self._self_influence = values
-            return values.clone()
-        values = torch.zeros(self.n_train)
-        for cb in self._train_passes.iterate("true", desc="self-influence"):
-            grads = {name: cb.grads(name) for name in self.layers}
-            query_side, train_side = self.estimator.query_side(grads), self.estimator.train_side(grads)
-            total = sum((query_side[n].flatten(1) * train_side[n].flatten(1)).sum(dim=1) for n in self.layers)
-            values[cb.indices] = total.cpu().to(torch.float32)
-        self._self_influence = values
-        return values.clone()
-
-    def _self_influence_from_cache(self, chunk: int = 256) -> torch.Tensor | None:
-        """Self-influence from a float32 cache of raw train gradients (identity, exact, LiSSA): no pass over the
-        data. None when the cache holds something else (or is bfloat16, too coarse for it)."""
-        store = self.cache.train_side if self.cache is not None else None
-        if store is None or not self.estimator.train_side_is_raw or self.cache_dtype != torch.float32:
-            return None
-        values = torch.zeros(self.n_train)
-        for start in range(0, self.n_train, chunk):
-            grads = {name: store[name][start : start + chunk] for name in self.layers}
-            query_side = self.estimator.query_side(grads)
-            total = sum((query_side[n].flatten(1) * grads[n].flatten(1)).sum(dim=1) for n in self.layers)
-            values[start : start + chunk] = total.cpu().to(torch.float32)
-        return values
+        if self._self_influence is None:
+            store = self.cache.train_side if self.cache is not None else None
+            # a float32 cache of raw train gradients answers without a pass (bfloat16 is too coarse for it)
+            if store is not None and self.estimator.raw_train_side and self.cache_dtype == torch.float32:
+                self._self_influence = scoring.self_influence_from_cache(self.estimator, store)
+            else:
+                self._self_influence = scoring.self_influence_streamed(self.estimator, self.train_passes)
+        return self._self_influence.clone()
 
     def token_scores(self, q: int, i: int, result: InfluenceResult | None = None) -> TokenScores:
         """Per-token contributions s_tᵀ Ṽ_q a_t of train example i to query q of ``result`` (default: the last
@@ -319,19 +269,8 @@ class Analysis:
         if not 0 <= i < self.n_train:
             raise InfkitError(f"train index {i} is out of range for {self.n_train} train examples")
         preconditioned = self.estimator.precondition({n: g[q : q + 1] for n, g in result._query_grads.items()})
-        cb = self._train_passes.capture([i], "true")
-        mask = self.task.token_mask(cb.batch)
-        positions = int(mask[0].sum()) if mask is not None else None
-        per_layer: dict[str, torch.Tensor] = {}
-        unassigned = 0.0
-        for name in self.layers:
-            a, s = cb.activations[name][0], cb.output_grads[name][0]  # [T, d_in], [T, d_out]
-            v = preconditioned[name][0].to(a.dtype)
-            per_token = torch.einsum("to,oi,ti->t", s, v, a)
-            if positions is not None and per_token.shape[0] == mask.shape[1]:
-                per_layer[name] = per_token[mask[0].bool()].cpu()
-            else:
-                unassigned += float(per_token.sum())
+        cb = self.train_passes.capture([i], Labels.DATA)
+        per_layer, unassigned = scoring.per_token(preconditioned, cb, self.task.token_mask(cb.batch))
         try:
             token_ids, tokens = self.task.tokens(cb.batch, 0)
         except NotImplementedError:

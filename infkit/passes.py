@@ -1,14 +1,12 @@
-"""Passes over a data set: batches in, captured layer tensors out.
+"""Passes over a data set: batches in, captured layer tensors out — the one place that runs the model for influence.
 
-One :class:`DataPasses` object knows the model, the task, the data, the tracked layers, the batch size and the
-seed. ``iterate(labels)`` runs the model on each batch under :class:`~infkit.capture.Capture` and yields the
-layer inputs a and output gradients s of the chosen objective:
-
-* ``"true"``      the train loss with the data's labels (the train side of a score);
-* ``"sampled"``   the train loss with labels drawn from the model (true Fisher), from generators seeded by
-                  (seed, example index) so every pass draws the same labels;
-* ``"fisher"``    "sampled" or "true", as the analysis' ``fisher=`` setting says;
-* ``"measure"``   the task's measurement (the query side of a score).
+One :class:`DataPasses` object knows the model, the task, the data, the tracked layers, the batch size, the seed and
+the analysis' ``fisher=`` setting. ``iterate(labels)`` runs the model on each batch in eval mode under
+:class:`~infkit.capture.Capture` and yields the layer inputs a and output gradients s of the objective that
+``labels`` (:class:`infkit.tasks.Labels`) names: the data's labels, labels sampled from the model (seeded by
+(seed, example index), so every pass and batch size draws the same labels), the curvature's choice of the two, the
+query measurement, or the rows of the exact Gauss-Newton. A batch that runs out of memory is split in halves and the
+batch size reduced for good, whatever the labels.
 """
 
 from __future__ import annotations
@@ -24,7 +22,11 @@ from tqdm.auto import tqdm
 
 from infkit.capture import Capture, Layer, per_example_grads
 from infkit.errors import InfkitError
-from infkit.tasks import Task
+from infkit.tasks.base import Labels, Task
+
+#: the sampled-Fisher GGN takes one backward pass per position and output class; above this many classes (a real
+#: LM's vocabulary) it refuses rather than run for hours.
+MAX_GGN_CLASSES = 1024
 
 
 @dataclass
@@ -115,18 +117,19 @@ class DataPasses:
         same in every pass and whatever the batch size."""
         return [torch.Generator().manual_seed(self.seed * 1_000_003 + i) for i in indices]
 
-    def objective(self, labels: str, batch: dict[str, Any], indices: Sequence[int]) -> torch.Tensor:
-        if labels == "fisher":
-            labels = "sampled" if self.fisher == "sampled" else "true"
-        if labels == "true":
+    def objective(self, labels: Labels, batch: dict[str, Any], indices: Sequence[int]) -> torch.Tensor:
+        """The per-example loss [B] whose gradients a pass with ``labels`` captures."""
+        if labels is Labels.CURVATURE:
+            labels = Labels.MODEL_SAMPLED if self.fisher == "sampled" else Labels.DATA
+        if labels is Labels.DATA:
             return self.task.train_loss(self.model, batch, sample=None)
-        if labels == "sampled":
+        if labels is Labels.MODEL_SAMPLED:
             return self.task.train_loss(self.model, batch, sample=self.generators(indices))
-        if labels == "measure":
+        if labels is Labels.MEASUREMENT:
             return self.task.measurement(self.model, batch)
-        raise ValueError(f"unknown label mode {labels!r}")
+        raise ValueError(f"{labels!r} is not a loss (GGN_ROOT batches come from ggn_captures)")
 
-    def capture(self, indices: list[int], labels: str) -> CapturedBatch:
+    def capture(self, indices: list[int], labels: Labels) -> CapturedBatch:
         batch = self.collate(indices)
         with eval_mode(self.model), torch.enable_grad(), Capture(self.layers, self.task.token_mask(batch)) as cap:
             loss = self.objective(labels, batch, indices)
@@ -136,14 +139,50 @@ class DataPasses:
             counts = cap.token_counts()
         return CapturedBatch(indices, batch, a, s, counts, loss.detach())
 
-    def iterate(self, labels: str, desc: str | None = None) -> Iterator[CapturedBatch]:
+    def ggn_captures(self, indices: list[int]) -> Iterator[CapturedBatch]:
+        """The exact GGN's rows of one batch: for each live position p and output class c, the output gradients
+        of z_p · R_p[:, c] (R the task's root of the loss' output Hessian, R Rᵀ = ∂²ℓ/∂z_p²), so that
+        ``grads(name)`` is J_pᵀ R_p[:, c] of every example and G = (1/n) Σ over all rows of row rowᵀ. One backward
+        per (position, class): only for small models and few classes (the caller checks)."""
+        batch = self.collate(indices)
+        with eval_mode(self.model), torch.enable_grad(), Capture(self.layers, self.task.token_mask(batch)) as cap:
+            outputs, root = self.task.output_hessian_root(self.model, batch)  # [B, P, C], [B, P, C, C]
+            self.check_ggn_classes(root.shape[-1])
+            a = cap.activations()
+            counts = cap.token_counts()
+            live_positions = root.detach().abs().flatten(2).sum(dim=(0, 2)).nonzero().flatten().tolist()
+            for position in live_positions:
+                for column in range(root.shape[-1]):
+                    weights = torch.zeros_like(outputs)
+                    weights[:, position, :] = root[:, position, :, column]
+                    s = cap.output_grads((outputs * weights).flatten(1).sum(dim=1), retain_graph=True)
+                    yield CapturedBatch(indices, batch, a, s, counts, torch.zeros(len(indices)))
+
+    @staticmethod
+    def check_ggn_classes(n_classes: int) -> None:
+        if n_classes > MAX_GGN_CLASSES:
+            raise InfkitError(
+                f"the exact GGN (fisher='sampled') needs one backward pass per position and output class, and "
+                f"this model has {n_classes} classes (a language model's vocabulary?): that would take "
+                "hours. Use fisher='empirical' (exact inverse of the empirical Fisher; with fewer examples than "
+                "parameters it is cheap) or track a model with fewer outputs"
+            )
+
+    def iterate(self, labels: Labels, desc: str | None = None) -> Iterator[CapturedBatch]:
         for indices in self.batches(desc):
             yield from self._capture_or_split(indices, labels)
 
-    def _capture_or_split(self, indices: list[int], labels: str) -> Iterator[CapturedBatch]:
-        """Capture a batch; when it runs out of memory, halve the batch size (for good) and retry in halves."""
+    def _capture_or_split(self, indices: list[int], labels: Labels) -> Iterator[CapturedBatch]:
+        """Capture a batch; when it runs out of memory, halve the batch size (for good) and retry in halves.
+
+        A GGN_ROOT batch yields many captures; only running out of memory before its first one splits it (later
+        ones would repeat rows already yielded)."""
         try:
-            captured = self.capture(indices, labels)
+            if labels is Labels.GGN_ROOT:
+                captures = self.ggn_captures(indices)
+                first = next(captures, None)
+            else:
+                captures, first = iter(()), self.capture(indices, labels)
         except RuntimeError as err:
             if not is_out_of_memory(err) or len(indices) == 1:
                 raise
@@ -159,7 +198,9 @@ class DataPasses:
             yield from self._capture_or_split(indices[:half], labels)
             yield from self._capture_or_split(indices[half:], labels)
             return
-        yield captured
+        if first is not None:
+            yield first
+        yield from captures
 
     def check_finite(self, loss: torch.Tensor, indices: list[int]) -> None:
         bad = ~torch.isfinite(loss.detach())

@@ -1,4 +1,5 @@
-"""Before heavy work: what an analysis will cost (bytes, passes), and the train-side cache it then builds."""
+"""Before heavy work: what an analysis will cost (bytes, passes) and whether its train side is cached. It plans
+only; :mod:`infkit.cache` builds the cache and :mod:`infkit.scoring` scores."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from infkit.cache import Cache, data_fingerprint, format_bytes, model_fingerprint, task_fingerprint
+from infkit.cache import format_bytes
 from infkit.errors import InfkitError
 
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-SCORE_CHUNK = 4096  # train rows per matmul when scoring against the cache (bounds the float32 copy of bf16)
 
 
 def resolve_cache_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -95,53 +95,8 @@ def make_plan(analysis) -> Plan:
         memory_budget=analysis.memory_budget,
         cache_train=analysis.use_cache and train_bytes <= analysis.memory_budget,
         fit_passes=est.fit_passes,
-        cache_passes=0 if est.fuses_train_side(analysis.fisher) else 1,
+        cache_passes=0 if est.fills_train_side(analysis.fisher) else 1,
         device=str(analysis.device),
         tracked=analysis.tracked if analysis.ordinary_layers else "",
         factor_form=est.describe_factors(),
     )
-
-
-def build_cache(analysis, plan: Plan) -> Cache:
-    """One pass over the train data storing ``estimator.train_side`` of every example (when the plan allows)."""
-    est = analysis.estimator
-    cache = Cache(device=analysis.device, dtype=analysis.cache_dtype, factors=est.state())
-    cache.fingerprint = {
-        "model": model_fingerprint(analysis.layers),
-        "data": data_fingerprint(analysis.task, analysis.train_data),
-        "task": task_fingerprint(analysis.task),
-    }
-    if not plan.cache_train:
-        cache.fallback = plan.fallback
-        return cache
-    if est.fused_train_side is not None:  # the estimator's fit already filled it
-        cache.train_side, est.fused_train_side = est.fused_train_side, None
-        return cache
-    stored = allocate_train_store(analysis)
-    for cb in analysis._train_passes.iterate("true", desc="caching train gradients"):
-        index = torch.as_tensor(cb.indices, device=cache.device)
-        for name, t in est.train_side_batch(cb).items():
-            stored[name][index] = t.to(cache.dtype)
-    cache.train_side = stored
-    return cache
-
-
-def allocate_train_store(analysis) -> dict[str, torch.Tensor]:
-    return {
-        name: torch.empty(analysis.n_train, layer.d_out, layer.d_in, dtype=analysis.cache_dtype, device=analysis.device)
-        for name, layer in analysis.layers.items()
-    }
-
-
-def score_against_cache(query_side: dict[str, torch.Tensor], train_side: dict[str, torch.Tensor]):
-    """{layer: [n_query, n_train]} = ⟨query side, cached train side⟩, in float32 (chunks over train rows)."""
-    per_layer = {}
-    for name, cached in train_side.items():
-        q = query_side[name].flatten(1).to(device=cached.device, dtype=torch.float32)
-        flat = cached.flatten(1)
-        if flat.dtype == torch.float32:
-            scores = q @ flat.T
-        else:
-            scores = torch.cat([q @ flat[i : i + SCORE_CHUNK].float().T for i in range(0, len(flat), SCORE_CHUNK)], 1)
-        per_layer[name] = scores.cpu()
-    return per_layer

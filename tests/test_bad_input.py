@@ -82,9 +82,9 @@ def test_exact_refuses_large_models_with_the_size():
 
 
 def test_exact_ggn_refuses_a_large_vocabulary(monkeypatch):
-    import infkit.estimators.exact as exact_module
+    import infkit.passes as passes_module
 
-    monkeypatch.setattr(exact_module, "MAX_GGN_CLASSES", 10)  # the tiny GPT-2 has 24 "classes" (its vocabulary)
+    monkeypatch.setattr(passes_module, "MAX_GGN_CLASSES", 10)  # the tiny GPT-2 has 24 "classes" (its vocabulary)
     an = Analysis(tiny_gpt2(), tasks.CausalLM(), structured_sequences(4, 24, 6, seed=0), estimator="exact",
                   modules="transformer.h.1.mlp.*", progress=False)
     with pytest.raises(InfkitError, match="24 classes .*Use fisher='empirical'"):

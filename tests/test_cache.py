@@ -48,11 +48,11 @@ def test_cached_scores_equal_streamed_scores(estimator, fisher):
     assert_close(a.scores, b.scores, rel=rel)
     for name in a.per_layer:
         assert_close(a.per_layer[name], b.per_layer[name], rel=rel)
-    if cached.estimator.train_side_is_raw:  # identity, exact, LiSSA: self-influence from the cache, no data pass
+    if cached.estimator.raw_train_side:  # identity, exact, LiSSA: self-influence from the cache, no data pass
         def no_pass(*args, **kwargs):
             raise AssertionError("self-influence streamed the train data although the cache holds its gradients")
 
-        cached._train_passes.iterate = no_pass
+        cached.train_passes.iterate = no_pass
     assert_close(cached.self_influence(), streamed.self_influence(), rel=rel)
 
 
@@ -182,6 +182,24 @@ def test_batch_that_does_not_fit_is_reduced_with_a_note():
     assert an.batch_size == 2
     reference = make(batch_size=2).fit()
     assert_close(an.scores(QUERIES).scores, reference.scores(QUERIES).scores, rel=1e-6)
+
+
+class GGNRunsOutOfMemoryAbove2(tasks.CausalLM):
+    def output_hessian_root(self, model, batch):
+        if batch["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().output_hessian_root(model, batch)
+
+
+def test_exact_ggn_rows_come_through_the_passes_and_their_memory_retry():
+    """The exact estimator's GGN rows (one backward per position and class) are captured by the passes like every
+    other estimator's tensors, so a batch too large for memory is split there too, with the same curvature."""
+    options = dict(estimator="exact", modules="transformer.h.1.mlp.c_proj", damping=1e-2, progress=False)
+    an = Analysis(tiny_gpt2(), GGNRunsOutOfMemoryAbove2(), data(12), batch_size=8, **options)
+    with pytest.warns(UserWarning, match="ran out of memory; continuing with batch_size=2"):
+        an.fit()
+    reference = Analysis(tiny_gpt2(), tasks.CausalLM(), data(12), batch_size=2, **options).fit()
+    assert_close(an.estimator.curvature, reference.estimator.curvature, rel=1e-9)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the on-device cache is checked on a GPU")

@@ -1,8 +1,11 @@
-"""The one interface every estimator shares: fit on train data, then precondition query gradients.
+"""The one interface every estimator shares: fit on train data, then precondition gradients.
 
-An estimator sees tensors only (capture is elsewhere). Gradients travel as ``{layer name: [Q, d_out, d_in]}``
-dicts, laid out as in :mod:`infkit.capture`. Adding an estimator is one file with a subclass decorated by
-``@register("name")``.
+An estimator sees tensors only: it asks :class:`infkit.passes.DataPasses` for captured batches (``passes.iterate``
+with a :class:`infkit.tasks.Labels`) and never touches hooks or the model's mode. Gradients travel as
+``{layer name: [Q, d_out, d_in]}`` dicts, laid out as in :mod:`infkit.capture`. ``fit(passes)`` returns a
+:class:`Fitted` (its state tensors, the damping it used, and the train side when its own pass produced it); the
+class attribute ``preconditions`` says on which side of a score (G + λI)⁻¹ is applied. Adding an estimator is one
+file with a subclass decorated by ``@register("name")`` and its import in ``infkit/estimators/__init__.py``.
 
 Damping (docs/design.md §2): ``damping=None`` uses the estimator's own heuristic; a float is the absolute λ added to
 the curvature of every layer; a dict ``{layer name: λ}`` sets layers one by one (layers it omits use the
@@ -11,6 +14,8 @@ heuristic).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from enum import Flag, auto
 from typing import Any
 
 import torch
@@ -26,6 +31,10 @@ REGISTRY: dict[str, type[Estimator]] = {}
 
 def register(name: str):
     def add(cls: type[Estimator]) -> type[Estimator]:
+        split = cls.preconditions == Side.QUERY | Side.TRAIN
+        if split and (cls.query_side is Estimator.query_side or cls.train_side is Estimator.train_side):
+            raise TypeError(f"estimator {name!r} preconditions both sides: it must override query_side and "
+                            "train_side with its split (G + λI)⁻¹ = MᵀM")
         cls.name = name
         REGISTRY[name] = cls
         return cls
@@ -39,47 +48,76 @@ def make_estimator(name: str, layers: dict[str, Layer], damping: Damping, option
     return REGISTRY[name](layers, damping, **options)
 
 
+class Side(Flag):
+    """The side of a score ⟨query side, train side⟩ on which an estimator applies (G + λI)⁻¹."""
+
+    QUERY = auto()  # precondition each query; the train side is the raw gradient (cacheable, reusable)
+    TRAIN = auto()  # precondition each train gradient once (it is cached); queries stay raw (or only rotated)
+
+
+@dataclass
+class Fitted:
+    """What ``Estimator.fit`` fitted: the state tensors (as ``state()`` names them, for caches and saves), the λ it
+    used per layer, and, when its own pass over the train data produced it, the train side of every example
+    ({layer: [n_train, d_out, d_in]}, in the form ``train_side`` gives)."""
+
+    state: dict[str, torch.Tensor]
+    damping: dict[str, float]
+    train_side: Grads | None = field(default=None, repr=False)
+
+
 class Estimator:
-    """Base class. Subclasses implement ``fit`` and ``precondition`` and fill ``self.damping_used``."""
+    """Base class. Subclasses implement ``fit`` (returning ``self.fitted(...)``) and ``precondition``, and fill
+    ``self.damping_used`` (through ``resolve_damping``)."""
 
     name = "base"
     #: False for estimators that need no pass over the data before scoring (gradient dot product).
     needs_fit = True
     #: Passes over the train data that ``fit`` makes (stated by ``Analysis.plan()``).
     fit_passes = 1
+    #: Where (G + λI)⁻¹ goes in a score Σ_layers ⟨query_side(∇f), train_side(∇L)⟩. ``Side.QUERY`` (default): the
+    #: query side is preconditioned and the train side is the raw gradient — so a cached train side holds the raw
+    #: train gradients (self-influence then needs no pass over the data). ``Side.TRAIN``: the train side is
+    #: preconditioned once and cached, a query is only transformed (EK-FAC rotates it; DataInf leaves it raw),
+    #: valid because (G + λI)⁻¹ is symmetric. ``Side.QUERY | Side.TRAIN``: a split (G + λI)⁻¹ = MᵀM, with both
+    #: ``query_side`` and ``train_side`` overridden.
+    preconditions = Side.QUERY
 
     def __init__(self, layers: dict[str, Layer], damping: Damping = None):
         self.layers = layers
         self.damping = damping
         self.damping_used: dict[str, float] = {}
-        # Set by the analysis before fit when the train side will be cached: {layer: empty [n, d_out, d_in]}.
-        # An estimator whose fit already computes the train side may fill it and hand it back as fused_train_side.
-        self.train_store: dict[str, torch.Tensor] | None = None
-        self.fused_train_side: dict[str, torch.Tensor] | None = None
 
-    def fit(self, passes) -> None:  # passes: infkit.passes.DataPasses
+    def fit(self, passes, keep: Grads | None = None) -> Fitted:
+        """Fit the curvature on ``passes`` (an :class:`infkit.passes.DataPasses` over the train data).
+
+        ``keep`` is given only when ``fills_train_side`` said yes and the train side will be cached: empty
+        tensors {layer: [n_train, d_out, d_in]} for the fit to fill with ``train_side`` of every example, handed
+        back in the returned ``Fitted.train_side``."""
         raise NotImplementedError
+
+    def fitted(self, train_side: Grads | None = None) -> Fitted:
+        return Fitted(self.state(), dict(self.damping_used), train_side)
+
+    def fills_train_side(self, fisher: str) -> bool:
+        """Whether ``fit`` computes every train gradient with the data's labels anyway (so it can fill ``keep``
+        and the separate caching pass is saved) under the analysis' ``fisher=`` setting."""
+        return False
 
     def precondition(self, grads: Grads) -> Grads:
-        """(G + λI)⁻¹ applied to each query gradient; same dict layout in and out."""
+        """(G + λI)⁻¹ applied to each gradient; same dict layout in and out."""
         raise NotImplementedError
 
-    # A score is Σ_layers ⟨query_side(∇f), train_side(∇L)⟩. By default the query side is preconditioned and the
-    # train side is the raw gradient; an estimator whose preconditioning is cheaper on the train side (EK-FAC:
-    # rotate once, divide by Λ + λ, cache) overrides both. The train side is what the train cache stores.
-    #: Whether train_side() is the raw gradient (not overridden): the cached train side then holds every train
-    #: gradient, and self-influence can be computed from it without another pass over the data.
-    train_side_is_raw = True
+    @property
+    def raw_train_side(self) -> bool:
+        """Whether ``train_side`` is the raw gradient (what a cache of it then holds)."""
+        return Side.TRAIN not in self.preconditions
 
     def query_side(self, grads: Grads) -> Grads:
-        return self.precondition(grads)
+        return self.precondition(grads) if self.preconditions is Side.QUERY else dict(grads)
 
     def train_side(self, grads: Grads) -> Grads:
-        return grads
-
-    def fuses_train_side(self, fisher: str) -> bool:
-        """Whether ``fit`` can fill ``train_store`` itself (saving the separate caching pass)."""
-        return False
+        return self.precondition(grads) if self.preconditions is Side.TRAIN else grads
 
     def train_side_batch(self, cb) -> Grads:
         """The train side of a captured batch (``infkit.passes.CapturedBatch``); override to skip forming ΣW."""

@@ -31,7 +31,8 @@ import torch
 
 from infkit.capture import is_lora_layer
 from infkit.errors import InfkitError
-from infkit.estimators.base import Estimator, Grads, register
+from infkit.estimators.base import Estimator, Grads, Side, register
+from infkit.tasks.base import Labels
 
 #: λ_l = DAMPING_FRACTION · mean squared per-example gradient norm / d_l (Kwon et al. 2023).
 DAMPING_FRACTION = 0.1
@@ -73,9 +74,9 @@ class DataInf(Estimator):
             total += element * n_train * (layer.n_params + 1)
         return total
 
-    def fit(self, passes) -> None:
+    def fit(self, passes, keep=None):
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
-        for cb in passes.iterate("fisher", desc="datainf: per-example gradients"):
+        for cb in passes.iterate(Labels.CURVATURE, desc="datainf: per-example gradients"):
             for name in self.layers:
                 g = cb.grads(name)
                 parts[name].append(g.reshape(g.shape[0], -1).to(stored_dtype(g.dtype)))
@@ -88,33 +89,26 @@ class DataInf(Estimator):
             self.resolve_damping(name, heuristic)
         self.n_examples = passes.n
         self.check_damping()
-        if passes.fisher == "empirical":
-            self._fill_train_store()
+        if keep is None or passes.fisher != "empirical":
+            return self.fitted()
+        return self.fitted(train_side=self._precondition_stored(keep))
 
     # The approximate inverse is symmetric, so ⟨P v, g⟩ = ⟨v, P g⟩: precondition the train side once (it is cached)
     # and leave queries raw — a new query then costs one backward and one matrix product per layer.
-    train_side_is_raw = False
+    preconditions = Side.TRAIN
 
-    def query_side(self, grads: Grads) -> Grads:
-        return dict(grads)
-
-    def train_side(self, grads: Grads) -> Grads:
-        return self.precondition(grads)
-
-    def fuses_train_side(self, fisher: str) -> bool:
+    def fills_train_side(self, fisher: str) -> bool:
         return fisher == "empirical"  # the stored gradients are the train gradients: precondition them at the end
 
-    def _fill_train_store(self) -> None:
-        store = self.train_store
-        if store is None:
-            return
+    def _precondition_stored(self, store: Grads) -> Grads:
+        """``store`` filled with the preconditioned stacked gradients, chunk by chunk."""
         chunk = 1024
         for name, stacked in self.gradients.items():
             layer = self.layers[name]
             for start in range(0, stacked.shape[0], chunk):
                 rows = stacked[start : start + chunk].reshape(-1, layer.d_out, layer.d_in)
                 store[name][start : start + chunk] = self.precondition({name: rows})[name].to(store[name].dtype)
-        self.fused_train_side, self.train_store = store, None
+        return store
 
     def check_damping(self) -> None:
         for name, lam in self.damping_used.items():

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from infkit.estimators.base import Estimator, Grads, register
+from infkit.estimators.base import Estimator, Grads, Side, register
+from infkit.tasks.base import Labels
 
 #: The damping heuristic of Grosse et al. 2023: a tenth of the mean eigenvalue of each layer's block.
 DAMPING_FRACTION = 0.1
@@ -43,7 +44,7 @@ class KroneckerEigenbasis(Estimator):
         sum_ss = {n: 0.0 for n in self.layers}
         tokens = dict.fromkeys(self.layers, 0)
         n_examples = 0
-        for cb in passes.iterate("fisher", desc=f"{self.name}: covariances"):
+        for cb in passes.iterate(Labels.CURVATURE, desc=f"{self.name}: covariances"):
             n_examples += len(cb.indices)
             for name in self.layers:
                 a = cb.activations[name].reshape(-1, cb.activations[name].shape[-1])
@@ -87,7 +88,7 @@ class KroneckerEigenbasis(Estimator):
 
     # Scores in the eigenbasis: ⟨Q_Sᵀ Vq Q_A, (Q_Sᵀ ΣW Q_A) ⊘ (Λ + λ)⟩ = ⟨Vq, (G + λI)⁻¹ ΣW⟩, since the rotation is
     # orthogonal. The train side (rotated, divided) is computed once and cached; a query only needs rotating.
-    train_side_is_raw = False
+    preconditions = Side.TRAIN
 
     def query_side(self, grads: Grads) -> Grads:
         return {name: self.rotate(name, v.double()).to(v.dtype) for name, v in grads.items()}
@@ -131,16 +132,16 @@ class KroneckerEigenbasis(Estimator):
 class EKFAC(KroneckerEigenbasis):
     fit_passes = 2
 
-    def fuses_train_side(self, fisher: str) -> bool:
+    def fills_train_side(self, fisher: str) -> bool:
         return fisher == "empirical"
 
-    def fit(self, passes) -> None:
+    def fit(self, passes, keep=None):
         self.fit_kronecker_factors(passes)
         sums = {n: 0.0 for n in self.layers}
         # With the empirical Fisher the correction pass sees the very gradients the train-side cache needs: keep
         # them (rotated) and divide by Λ + λ afterwards, so fitting and caching are one pass (docs/design.md §2).
-        keep = self.train_store if passes.fisher == "empirical" else None
-        for cb in passes.iterate("fisher", desc="ekfac: eigenvalue correction"):
+        keep = keep if passes.fisher == "empirical" else None
+        for cb in passes.iterate(Labels.CURVATURE, desc="ekfac: eigenvalue correction"):
             rows = slice(cb.indices[0], cb.indices[-1] + 1)  # batches are consecutive examples
             for name in self.layers:
                 rotated = self._rotated_grads(cb, name)  # Q_Sᵀ ΣW Q_A per example, in the model's dtype
@@ -152,5 +153,4 @@ class EKFAC(KroneckerEigenbasis):
         if keep is not None:
             for name, stored in keep.items():
                 stored /= self._denominator(name, stored.dtype)
-            self.fused_train_side = keep
-        self.train_store = None
+        return self.fitted(train_side=keep)

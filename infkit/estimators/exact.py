@@ -30,16 +30,13 @@ from __future__ import annotations
 
 import torch
 
-from infkit.capture import Capture, per_example_grads
 from infkit.errors import InfkitError
 from infkit.estimators.base import Estimator, Grads, register
-from infkit.passes import eval_mode
+from infkit.tasks.base import Labels
 
 DEFAULT_MAX_PARAMS = 20_000
+#: GGN rows are added to the dense blocks in chunks of at least this many (one large Σ rowᵀrow product)
 ROWS_PER_UPDATE = 2048
-#: the sampled-Fisher GGN takes one backward pass per position and output class; above this many classes (a real
-#: LM's vocabulary) it refuses rather than run for hours.
-MAX_GGN_CLASSES = 1024
 
 
 @register("exact")
@@ -81,7 +78,7 @@ class Exact(Estimator):
             f"{hint}, or raise max_params= if you have the memory"
         )
 
-    def fuses_train_side(self, fisher: str) -> bool:
+    def fills_train_side(self, fisher: str) -> bool:
         return fisher == "empirical"  # the fit pass computes every train gradient, which is exact's train side
 
     def describe_factors(self) -> str:
@@ -113,7 +110,7 @@ class Exact(Estimator):
         return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
     # -- fit ---------------------------------------------------------------------------------------------------
-    def fit(self, passes) -> None:
+    def fit(self, passes, keep=None):
         if not self.forms:
             self.check_fits(passes.n, passes.fisher)
         device, n = passes.device, passes.n
@@ -122,21 +119,29 @@ class Exact(Estimator):
         self.rows = {b: torch.zeros(n, size, dtype=torch.float64, device=device)
                      for b, (size, form) in enumerate(zip(self.block_sizes, self.forms)) if form == "lowrank"}
         if passes.fisher == "empirical":
-            for cb in passes.iterate("true", desc="exact: empirical Fisher"):
+            for cb in passes.iterate(Labels.DATA, desc="exact: empirical Fisher"):
                 grads = {name: cb.grads(name) for name in self.layers}
                 self._accumulate(self.flatten(grads).double() / n**0.5,
                                  rows_at=torch.as_tensor(cb.indices, device=device))
-                if self.train_store is not None:  # these are the train gradients: the cached train side as well
-                    for name, store in self.train_store.items():
+                if keep is not None:  # these are the train gradients: the cached train side as well
+                    for name, store in keep.items():
                         store[cb.indices] = grads[name].to(store.dtype)
-            if self.train_store is not None:
-                self.fused_train_side, self.train_store = self.train_store, None
         else:
-            for indices in passes.batches(desc="exact: GGN"):
-                self._accumulate_ggn(passes, indices)
+            keep = None
+            rows: list[torch.Tensor] = []  # GGN rows Jᵀ R[:, c] of one batch, gathered into large updates
+            batch: list[int] | None = None
+            for cb in passes.iterate(Labels.GGN_ROOT, desc="exact: GGN"):
+                if rows and (cb.indices != batch or sum(r.shape[0] for r in rows) >= ROWS_PER_UPDATE):
+                    self._accumulate(torch.cat(rows).double())
+                    rows.clear()
+                batch = cb.indices
+                rows.append(self.flatten({name: cb.grads(name) for name in self.layers}))
+            if rows:
+                self._accumulate(torch.cat(rows).double())
             for gram in self.dense.values():
                 gram /= n
         self._set_damping()
+        return self.fitted(train_side=keep)
 
     def _accumulate(self, rows: torch.Tensor, rows_at: torch.Tensor | None = None) -> None:
         """Add rows [R, P] (float64): to the dense blocks as Σ rowᵀrow, to the low-rank blocks as stored rows."""
@@ -146,32 +151,6 @@ class Exact(Estimator):
                 self.dense[b] += part.T @ part
             else:
                 self.rows[b][rows_at] = rows[:, cols]
-
-    def _accumulate_ggn(self, passes, indices: list[int]) -> None:
-        batch = passes.collate(indices)
-        rows: list[torch.Tensor] = []
-        with eval_mode(passes.model), torch.enable_grad(), Capture(self.layers, passes.task.token_mask(batch)) as cap:
-            outputs, root = passes.task.output_hessian_root(passes.model, batch)  # [B, P, C], [B, P, C, C]
-            if root.shape[-1] > MAX_GGN_CLASSES:
-                raise InfkitError(
-                    f"the exact GGN (fisher='sampled') needs one backward pass per position and output class, and "
-                    f"this model has {root.shape[-1]} classes (a language model's vocabulary?): that would take "
-                    "hours. Use fisher='empirical' (exact inverse of the empirical Fisher; with fewer examples than "
-                    "parameters it is cheap) or track a model with fewer outputs"
-                )
-            activations = cap.activations()
-            live_positions = root.detach().abs().flatten(2).sum(dim=(0, 2)).nonzero().flatten().tolist()
-            for pos in live_positions:
-                for col in range(root.shape[-1]):
-                    seed = torch.zeros_like(outputs)
-                    seed[:, pos, :] = root[:, pos, :, col]
-                    s = cap.output_grads((outputs * seed).flatten(1).sum(dim=1), retain_graph=True)
-                    rows.append(self.flatten({n: per_example_grads(activations[n], s[n]) for n in self.layers}))
-                    if sum(r.shape[0] for r in rows) >= ROWS_PER_UPDATE:
-                        self._accumulate(torch.cat(rows).double())
-                        rows.clear()
-        if rows:
-            self._accumulate(torch.cat(rows).double())
 
     # -- damping and solves ------------------------------------------------------------------------------------
     def _set_damping(self) -> None:

@@ -15,8 +15,9 @@ class Identity(Estimator):
     needs_fit = False
     fit_passes = 0
 
-    def fit(self, passes) -> None:
+    def fit(self, passes, keep=None):
         self.damping_used = {name: 0.0 for name in self.layers}
+        return self.fitted()
 
     def precondition(self, grads: Grads) -> Grads:
         return dict(grads)

@@ -18,10 +18,11 @@ from infkit.estimators.ekfac import KroneckerEigenbasis
 
 @register("kfac")
 class KFAC(KroneckerEigenbasis):
-    def fit(self, passes) -> None:
+    def fit(self, passes, keep=None):
         self.fit_kronecker_factors(passes)
         for name in self.layers:
             lam_s = self.eigvals_s[name].clamp(min=0)
             lam_a = self.eigvals_a[name].clamp(min=0)
             self.eigenvalues[name] = self.mean_tokens[name] * torch.outer(lam_s, lam_a)
         self.set_damping()
+        return self.fitted()

@@ -39,6 +39,7 @@ import torch
 from infkit.errors import InfkitError
 from infkit.estimators.base import Estimator, Grads, register
 from infkit.estimators.datainf import DAMPING_FRACTION, stored_dtype
+from infkit.tasks.base import Labels
 
 POWER_ITERATIONS = 30
 SCALE_MARGIN = 1.5
@@ -82,7 +83,7 @@ class LiSSA(Estimator):
         self.power_iteration_top: dict[str, float] = {}  # largest eigenvalue of G + Λ per layer (power iteration)
         self.seed = 0
 
-    def fuses_train_side(self, fisher: str) -> bool:
+    def fills_train_side(self, fisher: str) -> bool:
         return fisher == "empirical"  # the stored Fisher gradients are then the train gradients, the train side
 
     def planned_factor_bytes(self, n_train: int) -> int:
@@ -121,17 +122,18 @@ class LiSSA(Estimator):
         return torch.bmm(torch.bmm(x, rows.transpose(1, 2)), rows) / rows.shape[1]
 
     # -- fit ----------------------------------------------------------------------------------------------------
-    def fit(self, passes) -> None:
+    def fit(self, passes, keep=None):
         parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
-        for cb in passes.iterate("fisher", desc="lissa: per-example gradients"):
+        for cb in passes.iterate(Labels.CURVATURE, desc="lissa: per-example gradients"):
             for name in self.layers:
                 g = cb.grads(name)
                 parts[name].append(g.reshape(g.shape[0], -1).to(stored_dtype(g.dtype)))
         flat = {name: torch.cat(parts.pop(name)) for name in list(parts)}
-        if self.train_store is not None and passes.fisher == "empirical":  # these are the train gradients
-            for name, store in self.train_store.items():
+        if keep is not None and passes.fisher == "empirical":  # these are the train gradients
+            for name, store in keep.items():
                 store.copy_(flat[name].reshape(store.shape).to(store.dtype))
-            self.fused_train_side, self.train_store = self.train_store, None
+        else:
+            keep = None
         n = passes.n
         for name, g in flat.items():
             self.resolve_damping(name, DAMPING_FRACTION * float(g.double().square().sum()) / (n * g.shape[1]))
@@ -139,6 +141,7 @@ class LiSSA(Estimator):
         del flat
         self.seed = passes.seed
         self._set_scales()
+        return self.fitted(train_side=keep)
 
     def _set_scales(self) -> None:
         if self.scale_option is not None:

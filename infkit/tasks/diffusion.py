@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from infkit.errors import InfkitError
-from infkit.tasks import Task
+from infkit.tasks.base import Task
 
 #: Keys under which a dict example may hold its image (first found wins).
 IMAGE_KEYS = ("image", "pixel_values", "sample", "latents")

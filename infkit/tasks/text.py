@@ -1,21 +1,5 @@
-"""Tasks: what a model's training loss and a query's measurement are.
-
-A task turns a list of examples into a batch (``collate``), runs the model (``forward``), and gives per-example
-losses. infkit's conventions (docs/design.md §2):
-
-* ``train_loss(model, batch, sample=...)`` returns one loss per example, a **sum** over its tokens, shape [B].
-  With ``sample`` a list of ``torch.Generator`` (one per example), the labels are drawn from the model's own
-  predictive distribution (true Fisher); with ``sample=None`` the data's labels are used.
-* ``measurement(model, batch)`` returns one value per query, shape [B]; its gradient is the query side of a
-  score. By default it is the loss of the labelled tokens, so for a prompt/completion pair it measures the
-  completion.
-* ``token_mask(batch)`` marks the real (unpadded) positions, shape [B, T], or ``None`` for inputs without
-  positions. Padded positions contribute nothing.
-* ``output_hessian_root(model, batch)`` (optional) returns the model outputs z [B, P, C] and a root R
-  [B, P, C, C] with R Rᵀ = ∂²loss/∂z² at each position; the exact estimator builds the GGN from it.
-
-A custom task subclasses :class:`Task` and overrides what differs.
-"""
+"""Text tasks: :class:`Classification` (cross-entropy, plain tensors or token dicts) and :class:`CausalLM`
+(next-token prediction, prompt/completion queries). The protocol they follow is :mod:`infkit.tasks.base`."""
 
 from __future__ import annotations
 
@@ -27,42 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from infkit.errors import InfkitError
-
-IGNORE_INDEX = -100
-
-
-class Task:
-    """Base class and protocol for tasks. Subclasses define at least ``collate``, ``forward``, ``train_loss``."""
-
-    tokenizer: Any = None
-
-    def collate(self, examples: Sequence[Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def forward(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def train_loss(self, model, batch, sample: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def measurement(self, model, batch) -> torch.Tensor:
-        return self.train_loss(model, batch, sample=None)
-
-    def token_mask(self, batch) -> torch.Tensor | None:
-        return None
-
-    def tokens(self, batch, index: int) -> tuple[list[int], list[str] | None]:
-        """Token ids of one example (unpadded) and their text when the task has a tokenizer."""
-        raise NotImplementedError(f"{type(self).__name__} has no tokens; per-token scores need a sequence task")
-
-    def output_hessian_root(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError(
-            f"{type(self).__name__} does not define output_hessian_root, which the exact GGN needs; "
-            "use fisher='empirical' or implement it"
-        )
-
-    def batch_to(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+from infkit.tasks.base import IGNORE_INDEX, Task
 
 
 def _sample_labels(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -274,6 +223,17 @@ class CausalLM(Task):
     def tokens(self, batch, index):
         return _tokens_of(batch, index, self.tokenizer)
 
+    def token_losses(self, model, batch):
+        """−log p of each labelled token under the model, at the token's own position (position 0 predicts
+        nothing), float64; the measurement is their sum over the real positions."""
+        with torch.no_grad():
+            logits, targets = self._shifted(model, batch)
+        measured = targets != IGNORE_INDEX
+        log_p = torch.log_softmax(logits.double(), dim=-1)
+        nll = -log_p.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * measured
+        first = torch.zeros_like(nll[:, :1])
+        return torch.cat([first, nll], dim=1), torch.cat([first.bool(), measured], dim=1)
+
     def output_hessian_root(self, model, batch):
         logits, targets = self._shifted(model, batch)
         valid = (targets != IGNORE_INDEX).to(logits.dtype)
@@ -320,5 +280,3 @@ def _tokens_of(batch, index: int, tokenizer) -> tuple[list[int], list[str] | Non
         return id_list, None
     return id_list, [tokenizer.decode([t]) for t in id_list]
 
-
-from infkit.tasks_diffusion import Diffusion  # noqa: E402,F401  (tasks.Diffusion; it subclasses Task above)
