@@ -43,6 +43,17 @@ def stored_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def stacked_gradients(passes, layers, desc: str) -> dict[str, torch.Tensor]:
+    """Every train example's gradient of each layer under the curvature's labels, flattened and stacked:
+    {layer: [n, d_l]} (float32, or float64 for a float64 model), from one pass."""
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    for cb in passes.iterate(Labels.CURVATURE, desc=desc):
+        for name in layers:
+            g = cb.grads(name)
+            parts[name].append(g.reshape(g.shape[0], -1).to(stored_dtype(g.dtype)))
+    return {name: torch.cat(parts.pop(name)) for name in list(parts)}  # free the pieces as we go
+
+
 def no_lora_warning(layers, estimator: str) -> None:
     """Warn when none of the tracked layers is a LoRA matrix: the estimator is meant for small blocks."""
     if any(is_lora_layer(name) for name in layers):
@@ -75,14 +86,8 @@ class DataInf(Estimator):
         return total
 
     def fit(self, passes, keep=None):
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
-        for cb in passes.iterate(Labels.CURVATURE, desc="datainf: per-example gradients"):
-            for name in self.layers:
-                g = cb.grads(name)
-                parts[name].append(g.reshape(g.shape[0], -1).to(stored_dtype(g.dtype)))
-        for name, layer in self.layers.items():
-            stacked = torch.cat(parts[name])
-            parts[name] = []  # free the pieces as we go
+        for name, stacked in stacked_gradients(passes, self.layers, "datainf: per-example gradients").items():
+            layer = self.layers[name]
             norms = stacked.square().sum(dim=1)
             self.gradients[name], self.squared_norms[name] = stacked, norms
             heuristic = DAMPING_FRACTION * float(norms.double().mean()) / layer.n_params

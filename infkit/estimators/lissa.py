@@ -38,8 +38,7 @@ import torch
 
 from infkit.errors import InfkitError
 from infkit.estimators.base import Estimator, Grads, register
-from infkit.estimators.datainf import DAMPING_FRACTION, stored_dtype
-from infkit.tasks.base import Labels
+from infkit.estimators.datainf import DAMPING_FRACTION, stacked_gradients
 
 POWER_ITERATIONS = 30
 SCALE_MARGIN = 1.5
@@ -123,12 +122,7 @@ class LiSSA(Estimator):
 
     # -- fit ----------------------------------------------------------------------------------------------------
     def fit(self, passes, keep=None):
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
-        for cb in passes.iterate(Labels.CURVATURE, desc="lissa: per-example gradients"):
-            for name in self.layers:
-                g = cb.grads(name)
-                parts[name].append(g.reshape(g.shape[0], -1).to(stored_dtype(g.dtype)))
-        flat = {name: torch.cat(parts.pop(name)) for name in list(parts)}
+        flat = stacked_gradients(passes, self.layers, "lissa: per-example gradients")
         if keep is not None and passes.fisher == "empirical":  # these are the train gradients
             for name, store in keep.items():
                 store.copy_(flat[name].reshape(store.shape).to(store.dtype))
