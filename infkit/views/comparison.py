@@ -15,14 +15,15 @@ import traitlets as t
 
 from infkit.cache import format_bytes
 from infkit.errors import InfkitError
-from infkit.ui import html as H
-from infkit.widgets import _assets
-from infkit.widgets.common import (
+from infkit.views import html as H
+from infkit.views.common import (
+    ASSETS,
     MODE_OPTIONS,
     MODES,
     PALETTE,
     HeatmapRow,
     QuerySpec,
+    asset_text,
     context_length,
     divisors,
     json_values,
@@ -31,8 +32,8 @@ from infkit.widgets.common import (
     token_texts,
     tokenizer_of,
 )
-from infkit.widgets.heatmap import TokenHeatmap
-from infkit.widgets.static import fragment, heatmap_rows_html, scatter_figure
+from infkit.views.heatmap import TokenHeatmap
+from infkit.views.static import fragment, heatmap_rows_html, scatter_figure
 
 try:  # infkit.metrics is the one implementation of agreement (Pearson, Spearman, top-k overlap)
     from infkit.metrics import agreement as _agreement
@@ -46,8 +47,8 @@ class ScoreScatter(anywidget.AnyWidget):
     Synced traits: ``x``, ``y`` (null for NaN), ``query``, ``index``, ``selected`` ([query, train index] or []),
     ``xlabel``, ``ylabel``, ``title``, ``palette``."""
 
-    _esm = _assets.asset("scatter.js")
-    _css = H.STYLE + _assets.read("widgets.css")
+    _esm = ASSETS / "scatter.js"
+    _css = H.STYLE + asset_text("widgets.css")
 
     x = t.List().tag(sync=True)
     y = t.List().tag(sync=True)
@@ -96,9 +97,9 @@ class EstimatorComparison(W.VBox):
     Args:
         analyses: {name: Analysis} — two or more, same model, task and train data (e.g. "ekfac", "datainf",
             "identity" and "exact" on a LoRA model). Unfitted ones are fitted here.
-        queries: the queries, in any form :class:`~infkit.widgets.InfluenceExplorer` takes.
+        queries: the queries, in any form :class:`~infkit.views.InfluenceExplorer` takes.
         k: the top-k sizes of the overlap column (a k ≥ the number of train examples is shown as n/a).
-        mode: "raw", "self" or "std" (see :data:`infkit.widgets.common.MODES`); the correlations are those of the
+        mode: "raw", "self" or "std" (see :data:`infkit.views.common.MODES`); the correlations are those of the
             shown values.
 
     Shows: the scatter of x's scores against y's (every query, or one), a table of Pearson / Spearman / top-k
