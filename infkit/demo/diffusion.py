@@ -364,12 +364,6 @@ def sample(unet, scheduler, class_labels: Sequence[int], seed: int = 0, steps: i
     return x.clamp(-1, 1)
 
 
-def to_uint8(images: torch.Tensor):
-    """[n, 3, H, W] (or [3, H, W]) in [-1, 1] -> numpy uint8 [n, H, W, 3] (or [H, W, 3])."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
-
-
 #: :func:`stripe_score` above this: striped (the data: plain <= 0.03, striped >= 0.1).
 STRIPED = 0.06
 
