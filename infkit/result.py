@@ -110,7 +110,7 @@ class InfluenceResult:
 
     def _repr_html_(self) -> str:
         """Notebook view: the top 5 proponents and opponents of the first queries, static HTML (survives export)."""
-        from infkit.widgets.static import result_html
+        from infkit.views.static import result_html
 
         return result_html(self)
 

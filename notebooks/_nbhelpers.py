@@ -21,12 +21,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # peft on GPT-2's Conv1D: expected
     warnings.filterwarnings("ignore", message=".*designed for LoRA adapters.*")  # datainf/lissa on a plain MLP
     warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+    hf_logging.set_verbosity_error()
 
 
 def text_table(header: list[str], rows: list[list]) -> str:

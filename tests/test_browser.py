@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from infkit.ui import html as H
+from infkit.views import ASSETS
+from infkit.views import html as H
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "02_widgets.ipynb"
@@ -75,7 +76,7 @@ def server(tmp_path_factory):
     shutil.copy(NOTEBOOK, root / "02_widgets.ipynb")
     nb7 = {"cells": [
         {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source":
-         "from infkit.widgets import TokenHeatmap\n"
+         "from infkit.views import TokenHeatmap\n"
          "TokenHeatmap(['<eos>', 'The', ' capital', ' is', ' Parth', '.'], [0.0, -0.9, 0.2, float('nan'), 1.0, -0.3],"
          " special=[0])"}],
         "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}},
@@ -183,7 +184,7 @@ def test_jupyterlab_explorer_colours_selection_and_lock(server, browser, timings
     explorer = page.locator(".ikw-explorer")
     explorer.wait_for(timeout=20_000)
     page.wait_for_selector(".ikw-explorer .ikw-topk .ikw-row .ik-tok", timeout=20_000)
-    # The heatmap rows are drawn with the diverging colours of infkit.ui.html: exact RGB for the given scale.
+    # The heatmap rows are drawn with the diverging colours of infkit.views.html: exact RGB for the given scale.
     tokens = [t for t in _token_colours(page, ".ikw-explorer .ikw-topk") if not t["nan"]]
     assert len(tokens) > 20
     hi = max(tokens, key=lambda t: t["v"])
@@ -343,7 +344,8 @@ def test_static_exports_render_offline(browser, tmp_path, timings):
 
 
 def test_a_10000_character_token_wraps_inside_the_query_box(browser):
-    """The report's query box (infkit.ui.html.query_box) wraps one very long token instead of growing to 185,000 px."""
+    """The report's query box (infkit.views.html.query_box) wraps one very long token instead of growing to
+    185,000 px."""
     box = H.query_box("In Velish, " + "x" * 10_000 + " is:", " lo piro", "this pair is not in the corpus.")
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_content(H.page("wrap", f'<div id="box" style="width: 700px">{box}</div>'))
@@ -368,8 +370,8 @@ def test_a_long_token_row_wraps_inside_its_box(browser):
 
 
 def test_the_widget_formats_numbers_as_python_does(browser):
-    """heatmap.js's fmt (what the live widget shows) and infkit.ui.html.fmt (its static copy) print the same text."""
-    source = (ROOT / "widgets" / "heatmap.js").read_text()
+    """heatmap.js's fmt (what the live widget shows) and infkit.views.html.fmt (its static copy) print the same text."""
+    source = (ASSETS / "heatmap.js").read_text()
     function = re.search(r"export function fmt\(.*?\n}\n", source, re.S).group(0).replace("export ", "")
     values = [5.0, 0.5, -0.0451234, 420.3123, 999.6, 2745.2, 12345.0, -402942.0, 1.5e-7, 3.2e-4, 0.0, float("nan")]
     page = browser.new_page()

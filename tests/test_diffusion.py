@@ -430,7 +430,7 @@ def test_image_grid_static_html_is_self_contained_and_deterministic():
     from PIL import Image
 
     from infkit.result import InfluenceResult
-    from infkit.ui.images import ImageInfluenceGrid, png_bytes
+    from infkit.views.images import ImageInfluenceGrid, png_bytes
 
     scores = torch.tensor([[3.0, -1.0, 0.5, -2.0, 1.5], [0.1, 0.2, -0.3, 0.4, -0.5]])
     result = InfluenceResult(scores=scores, per_layer={"l": scores}, estimator="ekfac", damping={"l": 0.1})

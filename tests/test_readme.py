@@ -71,9 +71,9 @@ def test_readme_has_its_blocks():
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_block_runs(block, sandbox):
     if block.heading == NEEDS_REAL_MODELS:
-        from infkit import models
+        from infkit.demo import real
 
-        if not models.available():
+        if not real.available():
             pytest.skip("the real models are not installed: make real")
     _namespaces[block.heading] = rf.run_block(block)
 

@@ -1,4 +1,4 @@
-"""The architectures of the real pretrained models (infkit.models), built small from configs: Llama (SmolLM2's) with
+"""The architectures of the real pretrained models (infkit.demo.real), built small from configs: Llama (SmolLM2's) with
 LoRA on every attention and MLP projection, and BERT (MiniLM's) as a LoRA sequence classifier whose head is a
 ``modules_to_save`` copy. Capture is checked against per-example autograd, so rotary embeddings, grouped-query
 attention, SwiGLU, padding and peft's wrappers are all covered without the real weights."""

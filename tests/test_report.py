@@ -1,4 +1,4 @@
-"""`infkit report` and the static HTML renderers it is built from (infkit.ui.html)."""
+"""`infkit report` and the static HTML renderers it is built from (infkit.views.html)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from infkit import cli, demo
-from infkit.ui import html as H
+from infkit.views import html as H
 
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 
@@ -197,7 +197,7 @@ def test_unwritable_location_gives_the_real_reason(monkeypatch, capsys):
 def test_reasons_for_an_unwritable_folder(tmp_path):
     import errno
 
-    from infkit.ui.report import _why_not_writable
+    from infkit.views.report import _why_not_writable
 
     assert "read-only file system" in _why_not_writable(tmp_path, OSError(errno.EROFS, "Read-only file system"))
     assert "permission denied" in _why_not_writable(tmp_path, OSError(errno.EACCES, "Permission denied"))

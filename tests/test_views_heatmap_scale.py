@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from infkit.errors import InfkitError
-from infkit.ui import html as H
-from infkit.widgets import HeatmapRow, TokenHeatmap
-from infkit.widgets.common import LOSS_PALETTE, LOSS_TOP, scales_for
-from infkit.widgets.static import explorer_html
+from infkit.views import ASSETS, HeatmapRow, TokenHeatmap
+from infkit.views import html as H
+from infkit.views.common import LOSS_PALETTE, LOSS_TOP, scales_for
+from infkit.views.static import explorer_html
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,7 +100,7 @@ def test_widget_default_scale_is_clipped_and_said_in_the_static_html_and_to_the_
 
 
 def test_front_end_draws_the_scale_note_in_its_legend():
-    js = (ROOT / "widgets" / "heatmap.js").read_text(encoding="utf-8")
+    js = (ASSETS / "heatmap.js").read_text(encoding="utf-8")
     assert 'model.get("scale_note")' in js and 'model.on("change:scale_note"' in js
     assert 'model.get("scale_kind") === "sequential"' in js
 
@@ -121,7 +121,7 @@ def test_save_html_is_one_call_and_writes_a_self_contained_page(tmp_path):
 
 def test_query_row_has_its_own_absolute_loss_scale_and_legend():
     """A confident answer (loss 0.03 nats) is pale, not saturated; the legend is not the influence one."""
-    from infkit.widgets.explorer import ExplorerView
+    from infkit.views.explorer import ExplorerView
 
     confident = HeatmapRow(["The", " capital", " is", " Parth"], [0.0, 0.0, 0.0, 0.03], label="query")
     view = ExplorerView(query_row=confident, query_caption="q")
@@ -138,7 +138,7 @@ def test_query_row_has_its_own_absolute_loss_scale_and_legend():
 
 
 def test_query_map_widget_is_sequential_with_a_fixed_scale():
-    from infkit.widgets.common import LOSS_LEGEND
+    from infkit.views.common import LOSS_LEGEND
 
     w = TokenHeatmap(rows=[HeatmapRow(["a", " b"], [0.0, 0.03])], scale=LOSS_TOP, palette=LOSS_PALETTE,
                      scale_kind="sequential", legend=LOSS_LEGEND, value_label="−log p")

@@ -1,4 +1,4 @@
-"""infkit.widgets on the Python side, without a browser: the widget models' state and traits, what a control change or
+"""infkit.views on the Python side, without a browser: the widget models' state and traits, what a control change or
 a selection triggers, errors shown inside the widget, NaN, analyses without a tokenizer, over-long queries, and the
 static HTML every view renders for exports. (tests/test_browser.py drives the same views in Chromium.)"""
 
@@ -16,16 +16,16 @@ import traitlets
 from infkit import Analysis, tasks
 from infkit.demo.tokenizer import build_tokenizer
 from infkit.result import InfluenceResult
-from infkit.ui import html as H
-from infkit.widgets import (
+from infkit.views import (
+    ASSETS,
     EstimatorComparison,
     HeatmapRow,
     InfluenceExplorer,
     TokenHeatmap,
-    static_dir,
     token_texts,
 )
-from infkit.widgets.common import json_values, ranked
+from infkit.views import html as H
+from infkit.views.common import json_values, ranked
 
 COUNTRIES = [("Veloria", "Parth"), ("Dunmar", "Kel"), ("Osta", "Rivon"), ("Tarn", "Mosk"), ("Ilia", "Sarn")]
 TEXTS = ([f"The capital of {c} is {k}." for c, k in COUNTRIES] + [f"{k} is the capital of {c}." for c, k in COUNTRIES]
@@ -82,11 +82,10 @@ def _row_indices(ex: InfluenceExplorer) -> list[int]:
 
 # -- assets and TokenHeatmap ---------------------------------------------------------------------------------------
 def test_front_end_files_are_found():
-    folder = static_dir()
-    assert {p.name for p in folder.iterdir()} >= {"heatmap.js", "scatter.js", "widgets.css"}
+    assert {p.name for p in ASSETS.iterdir()} >= {"heatmap.js", "scatter.js", "widgets.css"}
     w = TokenHeatmap(["a"], [1.0])
     assert "export default" in w._esm and "function render" in w._esm
-    assert ".ik .ik-tok" in w._css and ".ikw-tip" in w._css  # infkit.ui.html's stylesheet, then the widgets'
+    assert ".ik .ik-tok" in w._css and ".ikw-tip" in w._css  # infkit.views.html's stylesheet, then the widgets'
 
 
 def test_heatmap_sends_nan_as_null_and_never_draws_it_white():
@@ -139,7 +138,7 @@ def test_heatmap_mime_bundle_has_widget_view_static_html_and_plain_text():
     assert data["text/plain"] == repr(w)
     _no_address(data["text/plain"])
     assert data["text/html"] == w._repr_html_()
-    # The colours are infkit.ui.html's.
+    # The colours are infkit.views.html's.
     assert H.hex_color(H.color(1.0, 1.0)) in data["text/html"] and H.hex_color(H.color(-1.0, 1.0)) in data["text/html"]
 
 
@@ -336,7 +335,7 @@ def test_typed_words_outside_the_vocabulary_are_named_in_the_widget(lm, explorer
 
 
 def test_query_row_has_its_own_legend_and_an_absolute_scale(lm, explorer):
-    from infkit.widgets.common import LOSS_TOP
+    from infkit.views.common import LOSS_TOP
 
     qmap = explorer.query_map
     assert qmap.scale_kind == "sequential" and qmap.scales == [LOSS_TOP]

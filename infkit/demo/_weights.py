@@ -7,8 +7,8 @@ default recipe (``infkit/demo/weights/<name>``), so every machine loads the same
 this machine's CPU kernels round during training. Retraining (``load(retrain=True)``) writes the same layout to the
 cache folder (``$INFKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/infkit``, else ``~/.cache/infkit``).
 
-This module holds what both demos share: the folder mechanics (checksums, atomic writes, manifest checks) and the
-context their training runs in (:func:`threads`, :func:`quiet`).
+This module holds what both demos share: the folder mechanics (checksums, atomic writes, manifest checks), what
+``load()`` says (:class:`Say`) and the context their training runs in (:func:`threads`, :func:`quiet`).
 """
 
 from __future__ import annotations
@@ -118,6 +118,23 @@ def shipped_folder(name: str, files: Iterable[str], expected: dict[str, Any], ro
             "documented ones)."
         ) from err
     return path
+
+
+class Say:
+    """What a demo's ``load()`` tells: ``say(text)`` keeps the message (the demo's ``messages``) and prints it when
+    ``verbose``; ``say(text, warn=True)`` keeps it and warns with a :class:`DemoCacheWarning` pointing at the code that
+    called ``load()``."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.messages: list[str] = []
+
+    def __call__(self, text: str, warn: bool = False) -> None:
+        self.messages.append(text)
+        if warn:
+            warnings.warn(text, DemoCacheWarning, stacklevel=3)  # 1: here, 2: load(), 3: load()'s caller
+        elif self.verbose:
+            print(text, flush=True)
 
 
 @contextlib.contextmanager

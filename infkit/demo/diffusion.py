@@ -39,7 +39,6 @@ import hashlib
 import math
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -364,12 +363,6 @@ def sample(unet, scheduler, class_labels: Sequence[int], seed: int = 0, steps: i
     return x.clamp(-1, 1)
 
 
-def to_uint8(images: torch.Tensor):
-    """[n, 3, H, W] (or [3, H, W]) in [-1, 1] -> numpy uint8 [n, H, W, 3] (or [H, W, 3])."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
-
-
 #: :func:`stripe_score` above this: striped (the data: plain <= 0.03, striped >= 0.1).
 STRIPED = 0.06
 
@@ -472,14 +465,7 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
     dataset = build_dataset(recipe)
     scheduler = new_scheduler(recipe)
     path = cache_path(cache_dir)
-    messages: list[str] = []
-
-    def say(text: str, warn: bool = False) -> None:
-        messages.append(text)
-        if warn:
-            warnings.warn(text, DemoCacheWarning, stacklevel=3)
-        elif verbose:
-            print(text, flush=True)
+    say = _weights.Say(verbose)
 
     if not retrain and cache_dir is None and recipe == Recipe():
         start = time.perf_counter()
@@ -487,7 +473,7 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
         with _weights.quiet():
             base, lora, info = read(path, dataset, recipe)
         say(f"infkit diffusion demo: loaded the shipped UNets ({SHIPPED_NAME}) in {time.perf_counter() - start:.1f} s")
-        return DiffusionDemo(dataset, base, lora, scheduler, recipe, "shipped", path, info, messages)
+        return DiffusionDemo(dataset, base, lora, scheduler, recipe, "shipped", path, info, say.messages)
     if not retrain and path.exists():
         start = time.perf_counter()
         try:
@@ -497,7 +483,7 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
             say(f"infkit diffusion demo: the cached model in {path} cannot be used ({err}); retraining it", warn=True)
         else:
             say(f"infkit diffusion demo: loaded the cached UNets from {path} in {time.perf_counter() - start:.1f} s")
-            return DiffusionDemo(dataset, base, lora, scheduler, recipe, "cache", path, info, messages)
+            return DiffusionDemo(dataset, base, lora, scheduler, recipe, "cache", path, info, say.messages)
     say(f"infkit diffusion demo: training the UNet ({recipe.base_steps} steps on {len(dataset.indices('plain'))} "
         f"plain shapes, then LoRA {recipe.lora_steps} steps on all {len(dataset)}, half of each batch striped); "
         "about 5 minutes")
@@ -511,4 +497,4 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
     else:
         say(f"infkit diffusion demo: trained in {info['base']['seconds'] + info['lora']['seconds']:.0f} s and "
             f"cached in {saved}")
-    return DiffusionDemo(dataset, base, lora, scheduler, recipe, "trained", saved, info, messages)
+    return DiffusionDemo(dataset, base, lora, scheduler, recipe, "trained", saved, info, say.messages)

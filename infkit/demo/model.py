@@ -19,7 +19,6 @@ import contextlib
 import copy
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -296,21 +295,14 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
     """
     corpus = build_corpus()
     recipe = recipe or Recipe()
-    messages: list[str] = []
-
-    def say(text: str, warn: bool = False) -> None:
-        messages.append(text)
-        if warn:
-            warnings.warn(text, DemoCacheWarning, stacklevel=3)
-        elif verbose:
-            print(text, flush=True)
+    say = _weights.Say(verbose)
 
     if not retrain and cache_dir is None and recipe == Recipe():
         start = time.perf_counter()
         path = _weights.shipped_folder(SHIPPED_NAME, FILES, _expected(corpus, recipe))
         tokenizer, base, lora, info = read(path, corpus, recipe)
         say(f"infkit demo: loaded the shipped model ({SHIPPED_NAME}) in {time.perf_counter() - start:.1f} s")
-        return DemoModels(corpus, tokenizer, base, lora, recipe, "shipped", path, info, messages)
+        return DemoModels(corpus, tokenizer, base, lora, recipe, "shipped", path, info, say.messages)
     path = cache_path(cache_dir)
     if not retrain and path.exists():
         start = time.perf_counter()
@@ -320,7 +312,7 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
             say(f"infkit demo: the cached model in {path} cannot be used ({err}); retraining it", warn=True)
         else:
             say(f"infkit demo: loaded the cached model from {path} in {time.perf_counter() - start:.1f} s")
-            return DemoModels(corpus, tokenizer, base, lora, recipe, "cache", path, info, messages)
+            return DemoModels(corpus, tokenizer, base, lora, recipe, "cache", path, info, say.messages)
     say(f"infkit demo: training the demo model (GPT-2, {len(corpus.pretrain)} sequences, then LoRA on "
         f"{len(corpus.finetune)}); about half a minute")
     tokenizer, base, lora, info = train(corpus, recipe, progress)
@@ -334,4 +326,4 @@ def load(cache_dir: str | os.PathLike | None = None, retrain: bool = False, verb
     else:
         say(f"infkit demo: trained in {info['base']['seconds'] + info['lora']['seconds']:.0f} s and cached in "
             f"{saved}")
-    return DemoModels(corpus, tokenizer, base, lora, recipe, "trained", saved, info, messages)
+    return DemoModels(corpus, tokenizer, base, lora, recipe, "trained", saved, info, say.messages)

@@ -6,7 +6,7 @@
    corpus with EK-FAC; top proponents and opponents (:func:`top_influences`).
 2. **Token-wise attribution** of those sequences (``Analysis.token_scores``).
 3. **Layer-wise distribution**: each layer's share of the top proponents' influence (:func:`layer_shares`).
-4. **Sparsity**: sorted |influence| against rank, with a power-law fit (:func:`infkit.ui.plots.fit_power_law`).
+4. **Sparsity**: sorted |influence| against rank, with a power-law fit (:func:`infkit.views.plots.fit_power_law`).
 5. **Word order**: for each country, the paraphrases that keep the query's order ("Veloria ... Parth") against those
    that flip it ("Parth is the capital of Veloria.") (:func:`word_order`).
 6. **TF-IDF filtering**: how many of the exact top-10 survive scoring only the top-m TF-IDF candidates
@@ -32,7 +32,7 @@ from infkit.demo.corpus import ADJECTIVES, NOUNS, VERBS, Corpus, Example
 from infkit.demo.model import VERSION, DemoModels, load, next_word, single_thread
 from infkit.demo.tokenizer import SPECIALS, token_strings
 from infkit.retrieval import TfidfIndex, kept_of_top
-from infkit.ui.plots import PowerLaw, fit_power_law
+from infkit.views.plots import PowerLaw, fit_power_law
 
 ESTIMATORS = ("ekfac", "datainf", "identity")
 FRACTIONS = (0.05, 0.10, 0.25)

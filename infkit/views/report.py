@@ -1,7 +1,7 @@
 """``infkit report``: one self-contained HTML file with the demo's analyses (:mod:`infkit.demo.story`).
 
 Everything is inline — CSS, figures as base64 PNG — and nothing needs a script or the network to be read. Built only
-from the renderers of :mod:`infkit.ui.html` and the plots of :mod:`infkit.ui.plots`.
+from the renderers of :mod:`infkit.views.html` and the plots of :mod:`infkit.views.plots`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from infkit.errors import InfkitError
-from infkit.ui import html as H
-from infkit.ui.plots import layer_plot, short_layer_name, sparsity_plot
+from infkit.views import html as H
+from infkit.views.plots import layer_plot, short_layer_name, sparsity_plot
 
 TITLE = "infkit report: which training sequences made the demo model say this?"
 

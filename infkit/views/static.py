@@ -1,4 +1,4 @@
-"""Static HTML of every widget view, built only from the renderers of :mod:`infkit.ui.html`.
+"""Static HTML of every widget view, built only from the renderers of :mod:`infkit.views.html`.
 
 This is what a notebook keeps next to the live widget (``text/html`` in the mime bundle) and what nbconvert,
 nbviewer, GitHub and saved reports show: inline CSS, colours in ``style`` attributes, hover text in ``title``
@@ -11,9 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from infkit.ui import html as H
-from infkit.ui.plots import short_layer_name
-from infkit.widgets.common import (
+from infkit.views import html as H
+from infkit.views.common import (
     LOSS_PALETTE,
     SIGN_LEGEND,
     HeatmapRow,
@@ -21,6 +20,7 @@ from infkit.widgets.common import (
     scale_note,
     train_text,
 )
+from infkit.views.plots import short_layer_name
 
 #: Long sequences wrap between tokens (a token keeps its own spaces visible), and a token with no space in it
 #: may break anywhere rather than overflow.
@@ -28,7 +28,7 @@ WRAP_STYLE = "<style>.ik .ik-seq .ik-tok { white-space: pre-wrap; } .ik .ik-seq 
 
 
 def fragment(body: str) -> str:
-    """:func:`infkit.ui.html.fragment` plus :data:`WRAP_STYLE`."""
+    """:func:`infkit.views.html.fragment` plus :data:`WRAP_STYLE`."""
     return WRAP_STYLE + H.fragment(body)
 
 
@@ -95,7 +95,7 @@ def heatmap_html(rows: Sequence[HeatmapRow], scales: Sequence[float], caption: s
                  normalization: str = "shared", value_label: str = "influence",
                  max_tokens: int = STATIC_MAX_TOKENS, scale: float | None = None, clip: float | None = H.DEFAULT_CLIP,
                  palette: dict | None = None, kind: str = "diverging") -> str:
-    """A whole :class:`~infkit.widgets.TokenHeatmap` as a fragment (stylesheet included), with at most
+    """A whole :class:`~infkit.views.TokenHeatmap` as a fragment (stylesheet included), with at most
     ``max_tokens`` tokens (a note says how many more the live view shows). ``scale`` and ``clip`` are how
     ``scales`` were chosen (the legend says so); ``kind="sequential"`` draws a one-sided scale (a loss: white 0 …
     dark ≥ ``scales[0]``) with its own legend."""
@@ -150,7 +150,7 @@ def top_items(rows: Sequence[HeatmapRow]) -> list[H.TopItem]:
 
 
 def explorer_html(view: Any) -> str:
-    """The explorer's current view (an :class:`infkit.widgets.explorer.ExplorerView`) as a fragment."""
+    """The explorer's current view (an :class:`infkit.views.explorer.ExplorerView`) as a fragment."""
     parts = [H.note(view.state_line)]
     for note in view.notes:
         parts.append(f'<p class="ik-note">⚠ {H.esc(note)}</p>')

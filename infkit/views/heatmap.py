@@ -11,16 +11,24 @@ import anywidget
 import traitlets as t
 
 from infkit.errors import InfkitError
-from infkit.ui import html as H
-from infkit.widgets import _assets
-from infkit.widgets.common import PALETTE, SIGN_LEGEND, HeatmapRow, scale_note, scales_for, token_texts
-from infkit.widgets.static import heatmap_html
+from infkit.views import html as H
+from infkit.views.common import (
+    ASSETS,
+    PALETTE,
+    SIGN_LEGEND,
+    HeatmapRow,
+    asset_text,
+    scale_note,
+    scales_for,
+    token_texts,
+)
+from infkit.views.static import heatmap_html
 
 
 class TokenHeatmap(anywidget.AnyWidget):
     """One or more token sequences coloured by a value: red positive, blue negative, white at zero, NaN hatched grey.
 
-    The colours are :mod:`infkit.ui.html`'s (ColorBrewer RdBu ends, colour-blind safe), so the live view and the
+    The colours are :mod:`infkit.views.html`'s (ColorBrewer RdBu ends, colour-blind safe), so the live view and the
     static HTML it also renders (``_repr_html_``, for exports) look the same.
 
     Args:
@@ -42,8 +50,8 @@ class TokenHeatmap(anywidget.AnyWidget):
     :meth:`save_html`.
     """
 
-    _esm = _assets.asset("heatmap.js")
-    _css = H.STYLE + _assets.read("widgets.css")
+    _esm = ASSETS / "heatmap.js"
+    _css = H.STYLE + asset_text("widgets.css")
 
     rows = t.List(t.Dict()).tag(sync=True)
     scales = t.List(t.Float()).tag(sync=True)

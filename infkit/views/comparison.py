@@ -15,14 +15,16 @@ import traitlets as t
 
 from infkit.cache import format_bytes
 from infkit.errors import InfkitError
-from infkit.ui import html as H
-from infkit.widgets import _assets
-from infkit.widgets.common import (
+from infkit.metrics import agreement
+from infkit.views import html as H
+from infkit.views.common import (
+    ASSETS,
     MODE_OPTIONS,
     MODES,
     PALETTE,
     HeatmapRow,
     QuerySpec,
+    asset_text,
     context_length,
     divisors,
     json_values,
@@ -31,13 +33,8 @@ from infkit.widgets.common import (
     token_texts,
     tokenizer_of,
 )
-from infkit.widgets.heatmap import TokenHeatmap
-from infkit.widgets.static import fragment, heatmap_rows_html, scatter_figure
-
-try:  # infkit.metrics is the one implementation of agreement (Pearson, Spearman, top-k overlap)
-    from infkit.metrics import agreement as _agreement
-except ImportError:  # pragma: no cover - an older tree without metrics.py
-    _agreement = None
+from infkit.views.heatmap import TokenHeatmap
+from infkit.views.static import fragment, heatmap_rows_html, scatter_figure
 
 
 class ScoreScatter(anywidget.AnyWidget):
@@ -46,8 +43,8 @@ class ScoreScatter(anywidget.AnyWidget):
     Synced traits: ``x``, ``y`` (null for NaN), ``query``, ``index``, ``selected`` ([query, train index] or []),
     ``xlabel``, ``ylabel``, ``title``, ``palette``."""
 
-    _esm = _assets.asset("scatter.js")
-    _css = H.STYLE + _assets.read("widgets.css")
+    _esm = ASSETS / "scatter.js"
+    _css = H.STYLE + asset_text("widgets.css")
 
     x = t.List().tag(sync=True)
     y = t.List().tag(sync=True)
@@ -63,42 +60,15 @@ class ScoreScatter(anywidget.AnyWidget):
         return f"ScoreScatter(points={len(self.x)}, x={self.xlabel!r}, y={self.ylabel!r})"
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 2 or a[ok].std() == 0 or b[ok].std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a[ok], b[ok])[0, 1])
-
-
-def _local_agreement(a: np.ndarray, b: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    """Used only when infkit.metrics is missing: the same numbers, computed here."""
-    from scipy.stats import rankdata
-
-    out = {"pearson": _pearson(a.ravel(), b.ravel()),
-           "mean_query_pearson": float(np.nanmean([_pearson(x, y) for x, y in zip(a, b)])),
-           "mean_query_spearman": float(np.nanmean([_pearson(rankdata(x), rankdata(y)) for x, y in zip(a, b)]))}
-    for k in ks:
-        kk = min(k, a.shape[1])
-        out[f"top_{k}"] = float(np.mean([len(set(np.argsort(-x, kind="stable")[:kk]) &
-                                             set(np.argsort(-y, kind="stable")[:kk])) / kk for x, y in zip(a, b)]))
-    return out
-
-
-def agreement_numbers(a: np.ndarray, b: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-    if _agreement is None:
-        return _local_agreement(a, b, ks)
-    return _agreement(a, b, k=tuple(ks)).as_dict()
-
-
 class EstimatorComparison(W.VBox):
     """Compare estimators on the same queries and train data.
 
     Args:
         analyses: {name: Analysis} — two or more, same model, task and train data (e.g. "ekfac", "datainf",
             "identity" and "exact" on a LoRA model). Unfitted ones are fitted here.
-        queries: the queries, in any form :class:`~infkit.widgets.InfluenceExplorer` takes.
+        queries: the queries, in any form :class:`~infkit.views.InfluenceExplorer` takes.
         k: the top-k sizes of the overlap column (a k ≥ the number of train examples is shown as n/a).
-        mode: "raw", "self" or "std" (see :data:`infkit.widgets.common.MODES`); the correlations are those of the
+        mode: "raw", "self" or "std" (see :data:`infkit.views.common.MODES`); the correlations are those of the
             shown values.
 
     Shows: the scatter of x's scores against y's (every query, or one), a table of Pearson / Spearman / top-k
@@ -219,7 +189,7 @@ class EstimatorComparison(W.VBox):
         out = []
         for a_i, a in enumerate(names):
             for b in names[a_i + 1:]:
-                numbers = agreement_numbers(self.shown(a)[qs], self.shown(b)[qs], self.ks)
+                numbers = agreement(self.shown(a)[qs], self.shown(b)[qs], k=self.ks).as_dict()
                 row: list[Any] = [f"{a}\u00a0vs\u00a0{b}", numbers["pearson"], numbers["mean_query_pearson"],
                                   numbers["mean_query_spearman"]]
                 for k in self.ks:
@@ -231,10 +201,9 @@ class EstimatorComparison(W.VBox):
         q = self.query_picker.value
         over = "all queries" if q == -1 else f"query {q}"
         headers = ["pair", "Pearson", "Pearson / query", "Spearman / query"] + [f"top-{k} overlap" for k in self.ks]
-        source = "infkit.metrics.agreement" if _agreement is not None else "computed locally"
-        caption = (f"Agreement over {over}, {MODES[self.mode].split(' (')[0]} ({source}): Pearson over all the "
-                   "shown pairs; per-query Pearson and Spearman averaged over queries; top-k overlap = the share of "
-                   "one estimator's top-k proponents also in the other's"
+        caption = (f"Agreement over {over}, {MODES[self.mode].split(' (')[0]} (infkit.metrics.agreement): Pearson "
+                   "over all the shown pairs; per-query Pearson and Spearman averaged over queries; top-k overlap = "
+                   "the share of one estimator's top-k proponents also in the other's"
                    + (f" (n/a: k ≥ the {self.n_train} train examples, so every example is in both)."
                       if any(k >= self.n_train for k in self.ks) else "."))
         return H.table(headers, self.agreement_rows(), caption=caption, numeric=[False] + [True] * (len(headers) - 1))
@@ -369,4 +338,4 @@ class EstimatorComparison(W.VBox):
                 f"query={'all' if q == -1 else q}, scores={self.mode!r})")
 
 
-__all__ = ["EstimatorComparison", "ScoreScatter", "agreement_numbers"]
+__all__ = ["EstimatorComparison", "ScoreScatter"]

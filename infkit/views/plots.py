@@ -2,7 +2,7 @@
 
 Each function returns a ``matplotlib.figure.Figure`` built with the object API (no pyplot state, no backend
 change), so it works the same in a script, a notebook and a headless report; embed it with
-:func:`infkit.ui.html.figure`. Figures are not closed for you when made with ``pyplot``; these are not registered
+:func:`infkit.views.html.figure`. Figures are not closed for you when made with ``pyplot``; these are not registered
 with pyplot at all, so nothing accumulates.
 """
 

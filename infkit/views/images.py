@@ -1,6 +1,6 @@
 """Images beside their influence: :class:`ImageInfluenceGrid`, the query image next to its top proponents and opponents.
 
-    from infkit.ui.images import ImageInfluenceGrid
+    from infkit.views.images import ImageInfluenceGrid
     grid = ImageInfluenceGrid(result, query_images, train_images, queries=0, k=6,
                               train_captions=captions, marked=is_style, mark_label="style")
     grid                      # in a notebook: the static HTML form
@@ -30,7 +30,7 @@ import torch
 from infkit import fmt
 from infkit.errors import InfkitError
 
-PROPONENT = "#b2182b"  # red, as infkit.ui.html (ColorBrewer RdBu)
+PROPONENT = "#b2182b"  # red, as infkit.views.html (ColorBrewer RdBu)
 OPPONENT = "#2166ac"  # blue
 NEUTRAL = "#555555"
 

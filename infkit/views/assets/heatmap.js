@@ -1,11 +1,11 @@
-// infkit TokenHeatmap: the front-end of infkit.widgets.TokenHeatmap (an anywidget ES module, no build step).
+// infkit TokenHeatmap: the front-end of infkit.views.TokenHeatmap (an anywidget ES module, no build step).
 //
 // Model (synced with Python):
 //   rows          [{label, score, detail, group, tokens: [str], values: [number | null | "inf" | "-inf"],
 //                   special: [token index]}]   (JSON has no NaN: a NaN value arrives as null)
 //   scales        [number] one colour scale per row (Python computes them: shared or per row)
 //   normalization "shared" | "row"            (the checkbox in the header sets it; Python recomputes scales)
-//   palette       {pos: [r, g, b], neg: [r, g, b]} the ends of the diverging scale (infkit.ui.html.RED / BLUE)
+//   palette       {pos: [r, g, b], neg: [r, g, b]} the ends of the diverging scale (infkit.views.html.RED / BLUE)
 //   scale_kind    "diverging" (influence: blue - white - red) | "sequential" (a loss: white 0 … dark at the scale)
 //   scale_note    what the legend says about the scale (Python writes it: shared or per row, the percentile clip
 //                 and how many tokens lie beyond it)
@@ -25,7 +25,7 @@ export function esc(text) {
   return String(text).replace(/[&<>"']/g, (c) => ESC[c]);
 }
 
-// A token's text with its whitespace shown faithfully (the same rules as infkit.ui.html.token_html).
+// A token's text with its whitespace shown faithfully (the same rules as infkit.views.html.token_html).
 export function tokenHtml(text, special) {
   if (text === "") return '<span class="ik-ws">∅</span>';
   if (special || PLAIN.test(text)) return esc(text);
@@ -50,7 +50,7 @@ export function decode(v) {
   return Number(v);
 }
 
-// Python's round(): half to even, so the colours are the exact ones infkit.ui.html.color gives.
+// Python's round(): half to even, so the colours are the exact ones infkit.views.html.color gives.
 function roundHalfEven(x) {
   const r = Math.round(x);
   return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
@@ -68,7 +68,7 @@ function hex(rgb) {
   return "#" + rgb.map((c) => c.toString(16).padStart(2, "0")).join("");
 }
 
-// The number format of infkit.ui.html.fmt (infkit.fmt.num with a sign): `digits` significant digits, trailing
+// The number format of infkit.views.html.fmt (infkit.fmt.num with a sign): `digits` significant digits, trailing
 // zeros kept; a whole number from 10**digits to 10**(digits+1); scientific notation beyond, and below 1e-4.
 export function fmt(v, digits = 3) {
   if (v === null || v === undefined) return "—";

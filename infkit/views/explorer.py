@@ -14,8 +14,8 @@ import torch
 import traitlets as t
 
 from infkit.errors import InfkitError
-from infkit.ui import html as H
-from infkit.widgets.common import (
+from infkit.views import html as H
+from infkit.views.common import (
     LOSS_LEGEND,
     LOSS_PALETTE,
     LOSS_TOP,
@@ -34,8 +34,8 @@ from infkit.widgets.common import (
     tokenizer_of,
     train_text,
 )
-from infkit.widgets.heatmap import TokenHeatmap
-from infkit.widgets.static import explorer_html, layer_table
+from infkit.views.heatmap import TokenHeatmap
+from infkit.views.static import explorer_html, layer_table
 
 #: The query row's legend: its own one-sided, fixed scale of −log p (not the influence colours).
 QUERY_LEGEND = LOSS_LEGEND
@@ -43,7 +43,7 @@ QUERY_LEGEND = LOSS_LEGEND
 
 @dataclass
 class ExplorerView:
-    """What the explorer shows now; :func:`infkit.widgets.static.explorer_html` renders it as static HTML."""
+    """What the explorer shows now; :func:`infkit.views.static.explorer_html` renders it as static HTML."""
 
     state_line: str = ""
     mode_text: str = ""
@@ -80,7 +80,7 @@ class InfluenceExplorer(W.VBox):
             dicts with ``input_ids`` (any form the task reads).
         k: proponents and opponents shown (1 … ``max_k``).
         mode: "raw", "self" (score ÷ the train example's self-influence) or "std" (score ÷ the std of the query's
-            scores); see :data:`infkit.widgets.common.MODES`.
+            scores); see :data:`infkit.views.common.MODES`.
 
     Everything goes through the public API: ``an.scores`` (each query once, then memoised; prepared queries in
     one batch), ``an.token_scores(q, i)`` for the shown rows only (one backward each, memoised), ``an.self_influence``

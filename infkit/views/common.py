@@ -1,6 +1,7 @@
-"""What the widgets share and what needs no front-end: token text, JSON-safe values, score normalisation, queries.
+"""What the widgets share and what needs no front-end: token text, JSON-safe values, score normalisation, queries,
+and where the front-end files are (:data:`ASSETS`).
 
-Nothing here imports ipywidgets or anywidget, so the static renderers (:mod:`infkit.widgets.static`) and
+Nothing here imports ipywidgets or anywidget, so the static renderers (:mod:`infkit.views.static`) and
 ``InfluenceResult._repr_html_`` work without them.
 """
 
@@ -9,13 +10,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from infkit.errors import InfkitError
 from infkit.tasks import IGNORE_INDEX
-from infkit.ui import html as H
+from infkit.views import html as H
+
+#: The widgets' front-end files, package data of :mod:`infkit.views`: the anywidget ES modules ``heatmap.js`` and
+#: ``scatter.js`` and the stylesheet ``widgets.css`` (which the views add to :data:`infkit.views.html.STYLE`).
+ASSETS = Path(__file__).with_name("assets")
+
+
+def asset_text(name: str) -> str:
+    """The text of one of the front-end files in :data:`ASSETS`."""
+    return (ASSETS / name).read_text(encoding="utf-8")
 
 #: The one-line legend of the sign (docs/design.md §2), shown next to every influence heatmap.
 SIGN_LEGEND = (
