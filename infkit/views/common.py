@@ -352,28 +352,17 @@ def make_query(raw: Any, tokenizer: Any, context: int | None, position: int) -> 
 
 def query_token_losses(analysis: Any, spec: QuerySpec) -> tuple[list[int], list[float], list[bool]] | None:
     """The query's tokens with each token's −log p under the model (0 where not measured): the parts of the
-    measurement f = the loss of the labelled tokens. None when the task's batches are not token sequences."""
+    measurement f = the loss of the labelled tokens (``Task.token_losses``). None when the task has no tokens."""
     task = analysis.task
     try:
-        batch = task.collate([spec.api])
+        batch = task.batch_to(task.collate([spec.api]), analysis.device)
+        losses, measured = task.token_losses(analysis.model, batch)
     except Exception:  # noqa: BLE001 - not a sequence task: no per-token view of the query
         return None
-    if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
-        return None
-    batch = task.batch_to(batch, analysis.device)
-    with torch.no_grad():
-        logits = task.forward(analysis.model, batch)
-    labels = batch["labels"]
-    if logits.dim() != 3 or labels.dim() != 2:
-        return None
     mask = batch.get("attention_mask")
-    n = int(mask[0].sum()) if mask is not None else labels.shape[1]
-    targets = labels[0, 1:n]
-    log_p = torch.log_softmax(logits[0, : n - 1].double(), dim=-1)
-    measured = targets != IGNORE_INDEX
-    nll = -log_p.gather(-1, targets.clamp(min=0)[:, None])[:, 0] * measured
+    n = int(mask[0].sum()) if mask is not None else losses.shape[1]
     ids = [int(i) for i in batch["input_ids"][0, :n].tolist()]
-    return ids, [0.0] + nll.cpu().tolist(), [False] + measured.cpu().tolist()
+    return ids, losses[0, :n].cpu().tolist(), measured[0, :n].cpu().tolist()
 
 
 # -- scores ------------------------------------------------------------------------------------------------------
