@@ -23,12 +23,19 @@ import torch
 from infkit import cache as caches
 from infkit import persist, scoring
 from infkit.cache import Cache
-from infkit.capture import active_adapters, find_layers, ordinary_layers, tracked_summary
+from infkit.capture import (
+    active_adapters,
+    find_layers,
+    ordinary_layers,
+    shared_weights,
+    tracked_summary,
+    untrained_lora,
+)
 from infkit.errors import InfkitError
 from infkit.estimators import make_estimator
 from infkit.estimators.base import Damping, Grads
 from infkit.passes import DataPasses, data_length, model_device
-from infkit.plan import Plan, default_memory_budget, make_plan, resolve_cache_dtype
+from infkit.plan import Plan, check_fits_device, default_memory_budget, make_plan, resolve_cache_dtype
 from infkit.result import InfluenceResult, TokenScores
 from infkit.tasks.base import Labels, Task
 
@@ -47,7 +54,12 @@ class Analysis:
         damping: None for the estimator's heuristic, a float λ for every layer, or {layer name: λ}.
         batch_size: examples per forward/backward pass.
         seed: seeds the sampled Fisher labels, so the same seed gives the same scores.
-        fisher: "sampled" (labels drawn from the model, the true Fisher) or "empirical" (the data's labels).
+        fisher: None (default) for the estimator's own, as in its paper: "sampled" for EK-FAC, K-FAC and exact
+            (labels drawn from the model: the true Fisher; exact computes its expectation, the GGN), "empirical"
+            for DataInf and LiSSA (the data's labels). Give "sampled" or "empirical" to choose; ``an.plan()``
+            and ``result.info["fisher"]`` say which was used.
+        fisher_samples: with the sampled Fisher, how many label draws per example to average (each costs one more
+            forward and backward per pass; EK-FAC, K-FAC, DataInf and LiSSA).
         modules: glob pattern(s) of module names to track; default every Linear/Conv1D with a trainable weight.
         progress: show tqdm progress bars (and the plan at the start of ``fit()``).
         cache: keep the train side (every train example's gradient, in the estimator's cheapest form) on the
@@ -69,7 +81,8 @@ class Analysis:
         damping: Damping = None,
         batch_size: int = 8,
         seed: int = 0,
-        fisher: str = "sampled",
+        fisher: str | None = None,
+        fisher_samples: int = 1,
         modules: str | list[str] | None = None,
         progress: bool = True,
         cache: bool = True,
@@ -77,23 +90,40 @@ class Analysis:
         memory_budget: int | None = None,
         **estimator_options: Any,
     ):
-        if fisher not in FISHER_KINDS:
-            raise InfkitError(f"fisher={fisher!r} is not one of {FISHER_KINDS}")
+        if fisher is not None and fisher not in FISHER_KINDS:
+            raise InfkitError(f"fisher={fisher!r} is not one of {FISHER_KINDS} (or None for the estimator's own)")
         if batch_size < 1:
             raise InfkitError(f"batch_size must be >= 1, got {batch_size}")
         if not isinstance(task, Task):
             raise InfkitError(f"task must be an infkit Task (e.g. infkit.tasks.CausalLM()), got {type(task).__name__}")
         self.model, self.task, self.train_data = model, task, train_data
-        self.batch_size, self.seed, self.fisher, self.progress = batch_size, seed, fisher, progress
+        self.batch_size, self.seed, self.progress = batch_size, seed, progress
         self.layers = find_layers(model, modules)
+        # trainable modules left out because their weight is tied to another module's (the plan says so)
+        self.untracked = {name: f"weight tied to {', '.join(others)}; tied weights are not tracked"
+                          for name, others in shared_weights(model).items()
+                          if name not in self.layers and model.get_submodule(name).weight.requires_grad}
         self.adapters = active_adapters(model)  # the peft adapter(s) whose modules are tracked; [] without peft
         # with peft: tracked layers that are not LoRA matrices (e.g. a modules_to_save classifier head) -> why
         self.ordinary_layers = ordinary_layers(self.layers, self.adapters)
+        fresh = untrained_lora(model, self.layers)
+        if fresh:
+            raise InfkitError(
+                f"the LoRA adapter is untrained: the B matrix beside {len(fresh)} tracked A matri(ces) is all zero "
+                f"(as peft initialises it; e.g. {fresh[0]!r}), so the model is still its base model and those A "
+                "matrices get no gradient: their influence would be 0/0. Fine-tune the adapter first (influence "
+                "explains a trained model), or track only the B matrices (modules='*lora_B*'), which do carry a "
+                "gradient"
+            )
         if data_length(train_data) == 0:
             raise InfkitError("the train data is empty: influence needs at least one training example")
         self.estimator_options = dict(estimator_options)
         self.estimator = make_estimator(estimator, self.layers, damping, estimator_options)
-        self.estimator.check_fits(data_length(train_data), fisher)
+        #: the Fisher used: the one asked for, else the estimator's own (None: it has no curvature)
+        self.fisher = fisher if fisher is not None else self.estimator.default_fisher
+        self.fisher_given = fisher is not None
+        self.fisher_samples = self._check_fisher_samples(fisher_samples)
+        self.estimator.check_fits(data_length(train_data), self.fisher)
         self.fitted = False
         self.timings: dict[str, float] = {}
         self._last_result: InfluenceResult | None = None
@@ -102,13 +132,26 @@ class Analysis:
         self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
         self.cache: Cache | None = None
         self.train_passes = self._passes(train_data, "train")
+        self._positions: int | None = None
+        check_fits_device(self.plan(), self.layers, self.estimator)
         self._self_influence: torch.Tensor | None = None
+
+    def _check_fisher_samples(self, k: int) -> int:
+        if int(k) != k or k < 1:
+            raise InfkitError(f"fisher_samples must be a whole number >= 1, got {k!r}")
+        if k > 1 and self.fisher != "sampled":
+            raise InfkitError(f"fisher_samples={k} averages draws of sampled labels, but this analysis uses "
+                              f"fisher={self.fisher!r}; drop fisher_samples or use fisher='sampled'")
+        if k > 1 and self.estimator.name in ("exact", "identity"):
+            why = "computes the GGN itself, with no sampling" if self.estimator.name == "exact" else "has no curvature"
+            raise InfkitError(f"fisher_samples={k} has no effect on the {self.estimator.name} estimator (it {why}); "
+                              "drop fisher_samples")
+        return int(k)
 
     # -- passes -------------------------------------------------------------------------------------------
     def _passes(self, data: Any, what: str) -> DataPasses:
-        return DataPasses(
-            self.model, self.task, data, self.layers, self.batch_size, self.seed, self.fisher, self.progress, what
-        )
+        return DataPasses(self.model, self.task, data, self.layers, self.batch_size, self.seed, self.fisher,
+                          self.progress, what, fisher_samples=self.fisher_samples if what == "train" else 1)
 
     @property
     def device(self) -> torch.device:
@@ -126,6 +169,14 @@ class Analysis:
     @property
     def n_params(self) -> int:
         return sum(layer.n_params for layer in self.layers.values())
+
+    def positions_per_example(self) -> int:
+        """Positions (tokens) per example of the first train batch, 1 for inputs without positions."""
+        if self._positions is None:
+            first = self.train_passes.collate(list(range(min(self.batch_size, self.n_train))))
+            mask = self.task.token_mask(first)
+            self._positions = int(mask.shape[1]) if mask is not None else 1
+        return self._positions
 
     def plan(self) -> Plan:
         """What ``fit()`` and each query will cost, before any heavy work: bytes and passes over the data."""
@@ -228,7 +279,8 @@ class Analysis:
             estimator=self.estimator.name,
             damping=dict(self.estimator.damping_used),
             train_indices=columns,
-            info={"fisher": self.fisher, "seconds": self.timings["scores"], "adapters": list(self.adapters),
+            info={"fisher": self.fisher, "fisher_default": not self.fisher_given, "fisher_samples": self.fisher_samples,
+                  "seconds": self.timings["scores"], "adapters": list(self.adapters),
                   "ordinary_layers": dict(self.ordinary_layers), "tracked": self.tracked},
             _analysis=self,
             _query_grads=query_grads,

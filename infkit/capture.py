@@ -9,7 +9,11 @@ Conventions, per tracked layer and example (docs/design.md §2):
   s  [B, T, d_out]  gradients of the loss w.r.t. the layer's outputs
   ΣW = Σ_t s_t a_tᵀ  [d_out, d_in] the example's gradient, laid out as nn.Linear's weight (bias last column)
 A layer without positions (an MLP) has T = 1; a layer called several times per forward stacks its calls along T.
-Padded positions (task.token_mask == 0) are zeroed in both a and s.
+Padded positions (task.token_mask == 0) are set to 0 in both a and s with ``torch.where``, so whatever a model
+computes there (even NaN) never reaches a statistic. The mask applies to a call whose outputs have one position per
+token of the batch (decided once per call, from its output's shape); other calls (a pooled head) and convolutions
+have no token mask. a and s are returned in float32 at least (float64 models keep float64), whatever the model's
+dtype: products such as aᵀa, sᵀs and Σ_t s_t a_tᵀ of a bfloat16 model are then accumulated in float32.
 
 nn.Conv2d (the standard K-FAC treatment of convolutions, Grosse & Martens 2016): each spatial output position is a
 "token". a [B, H_out·W_out, C_in·kh·kw (+1)] are the input patches (``F.unfold`` with the module's kernel size,
@@ -171,6 +175,19 @@ def is_lora_layer(name: str) -> bool:
     return len(parts) >= 2 and parts[-2] in LORA_CONTAINERS
 
 
+def untrained_lora(model: nn.Module, layers: dict[str, Layer]) -> list[str]:
+    """Tracked LoRA A matrices whose B partner is all zero (as peft initialises an adapter): their gradient is
+    identically zero, so their curvature is 0 and any influence through them is 0/0."""
+    fresh = []
+    for name in layers:
+        parts = name.split(".")
+        if is_lora_layer(name) and parts[-2] == "lora_A":
+            partner = model.get_submodule(".".join([*parts[:-2], "lora_B", parts[-1]]))
+            if not bool(partner.weight.detach().any()):
+                fresh.append(name)
+    return fresh
+
+
 def ordinary_layers(layers: dict[str, Layer], adapters: list[str]) -> dict[str, str]:
     """In a peft model, the tracked layers that are not LoRA matrices, each with why it is trainable:
     ``modules_to_save`` copies (e.g. a classification head) are tracked whole (weight and bias), like any layer."""
@@ -197,18 +214,39 @@ def tracked_summary(layers: dict[str, Layer], adapters: list[str]) -> str:
     return text
 
 
+def shared_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Supported modules whose weight is also a parameter of another module (a tied lm_head and embedding):
+    {module name: the other modules holding that weight}."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    shared = {}
+    for name, module in model.named_modules():
+        if _supported(module) and len(owners.get(id(module.weight), [])) > 1:
+            shared[name] = [other for other in owners[id(module.weight)] if other != name]
+    return shared
+
+
+def _tied_reason(others: list[str]) -> str:
+    return (f"its weight is shared with {', '.join(others)} (tied weights): the gradient seen here would be only this "
+            "module's share of the parameter's, and an unembedding's factors are vocabulary x vocabulary")
+
+
 def find_layers(model: nn.Module, modules: str | Iterable[str] | None = None) -> dict[str, Layer]:
     """The tracked layers: supported modules with a trainable weight, optionally filtered by name patterns.
 
     ``modules`` is a glob pattern or a list of them (``fnmatch`` on the module's full name, e.g.
     ``"*.mlp.*"``); a module is tracked when any pattern matches. With peft adapters, only the active adapter's
     modules are tracked (LoRA A and B of each wrapped layer, and its ``modules_to_save`` copies); the frozen base
-    weights and inactive adapters are not.
+    weights and inactive adapters are not. A module whose weight is shared with another module (a tied lm_head) is
+    never tracked: skipped by default (``untracked_shared`` says which), refused when a pattern asks for it.
     """
     patterns = [modules] if isinstance(modules, str) else (list(modules) if modules is not None else None)
     layers: dict[str, Layer] = {}
     skipped_frozen = 0
     inactive = inactive_adapter_modules(model)
+    shared = shared_weights(model)
     for name, module in model.named_modules():
         if not _supported(module):
             continue
@@ -220,6 +258,14 @@ def find_layers(model: nn.Module, modules: str | Iterable[str] | None = None) ->
         if not module.weight.requires_grad:
             skipped_frozen += 1
             continue
+        if name in shared:
+            if patterns is None:
+                continue
+            raise InfkitError(
+                f"module {name!r} matches modules={modules!r}, but {_tied_reason(shared[name])}. infkit does not "
+                "track tied weights (nor do Grosse et al., who leave out embeddings and unembeddings): narrow the "
+                "pattern so it leaves this module out"
+            )
         has_bias = module.bias is not None and module.bias.requires_grad
         if isinstance(module, HFConv1D):
             d_in, d_out = module.weight.shape
@@ -254,11 +300,12 @@ class Capture:
         self._mask_is_full = token_mask is None or bool(token_mask.all())
         self._inputs: dict[str, list[torch.Tensor]] = {}
         self._outputs: dict[str, list[torch.Tensor]] = {}
+        self._masks: dict[str, list[torch.Tensor | None]] = {}  # per call: [B, T, 1] bool, or None
         self._handles: list = []
 
     def __enter__(self) -> Capture:
         for name, layer in self.layers.items():
-            self._inputs[name], self._outputs[name] = [], []
+            self._inputs[name], self._outputs[name], self._masks[name] = [], [], []
             self._handles.append(layer.module.register_forward_hook(self._hook(name)))
         return self
 
@@ -268,30 +315,45 @@ class Capture:
         self._handles.clear()
 
     def _hook(self, name: str):
+        layer = self.layers[name]
+
         def record(module, inputs, output):
             self._inputs[name].append(inputs[0].detach())
             self._outputs[name].append(output)
+            self._masks[name].append(self._call_mask(layer, output))
 
         return record
 
-    def _as_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, ..., d] -> [B, T, d], zeroing padded positions when the layer sees the task's positions."""
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
+    def _sees_positions(self, layer: Layer, output: torch.Tensor) -> bool:
+        """Whether one call's outputs are the batch's token positions (so the token mask applies to it)."""
         mask = self.token_mask
-        if mask is not None and x.shape[1] == mask.shape[1] and not self._mask_is_full:
-            x = x * mask[:, :, None].to(x.dtype)
-        return x
+        if mask is None or isinstance(layer.module, nn.Conv2d):
+            return False
+        return tuple(layer.output_tokens(output.detach()).shape[:2]) == tuple(mask.shape)
+
+    def _call_mask(self, layer: Layer, output: torch.Tensor) -> torch.Tensor | None:
+        """The real positions of one call, [B, T, 1] bool; None when it has no token mask or all are real."""
+        if self._mask_is_full or not self._sees_positions(layer, output):
+            return None
+        return self.token_mask.to(device=output.device).bool()[:, :, None]
+
+    @staticmethod
+    def _as_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, ..., d] -> [B, T, d] in at least float32, 0 at padded positions (``torch.where``: NaN there too)."""
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        x = x if x.dtype == torch.float64 else x.float()
+        return x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     def activations(self) -> dict[str, torch.Tensor]:
         """a [B, T, d_in] per layer (ones appended for the bias; zero at padded positions)."""
         result = {}
         for name, layer in self.layers.items():
             calls = []
-            for x in self._inputs[name]:
+            for x, mask in zip(self._inputs[name], self._masks[name]):
                 x = layer.input_tokens(x)
                 if layer.has_bias:
                     x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-                calls.append(self._as_tokens(x))
+                calls.append(self._as_tokens(x, mask))
             if not calls:
                 raise InfkitError(f"layer {name!r} was not called in the forward pass; exclude it with modules=")
             result[name] = torch.cat(calls, dim=1)
@@ -305,8 +367,7 @@ class Capture:
             total = 0
             for y in self._outputs[name]:
                 x = layer.output_tokens(y.detach())  # positions as the layer's outputs count them (conv: H·W)
-                applies = mask is not None and x.shape[1] == mask.shape[1]
-                total += int(mask.sum()) if applies else x.shape[0] * x.shape[1]
+                total += int(mask.sum()) if self._sees_positions(layer, y) else x.shape[0] * x.shape[1]
             counts[name] = total
         return counts
 
@@ -318,9 +379,9 @@ class Capture:
         result, k = {}, 0
         for name in names:
             calls = []
-            for y in self._outputs[name]:
+            for y, mask in zip(self._outputs[name], self._masks[name]):
                 g = grads[k] if grads[k] is not None else torch.zeros_like(y)
-                calls.append(self._as_tokens(self.layers[name].output_tokens(g.detach())))
+                calls.append(self._as_tokens(self.layers[name].output_tokens(g.detach()), mask))
                 k += 1
             result[name] = torch.cat(calls, dim=1)
         return result

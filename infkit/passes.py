@@ -11,6 +11,7 @@ batch size reduced for good, whatever the labels.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +44,12 @@ class CapturedBatch:
     def grads(self, name: str) -> torch.Tensor:
         """Per-example gradient ΣW [B, d_out, d_in] of one layer."""
         return per_example_grads(self.activations[name], self.output_grads[name])
+
+
+def draw_seed(seed: int, draw: int, index: int) -> int:
+    """A 63-bit generator seed for (seed, draw, example index), mixed by blake2b so nearby triples are unrelated."""
+    digest = hashlib.blake2b(f"{seed}/{draw}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -85,12 +92,14 @@ class DataPasses:
         layers: dict[str, Layer],
         batch_size: int,
         seed: int,
-        fisher: str,
+        fisher: str | None,
         progress: bool = True,
         what: str = "train",
+        fisher_samples: int = 1,
     ):
         self.model, self.task, self.data, self.layers = model, task, data, layers
         self.batch_size, self.seed, self.fisher, self.progress = batch_size, seed, fisher, progress
+        self.fisher_samples = fisher_samples  # draws of the model's labels per example in a sampled pass
         self.what = what
         self.n = data_length(data)
         if self.n == 0:
@@ -112,27 +121,29 @@ class DataPasses:
                 bar.update(len(indices))
                 start += len(indices)
 
-    def generators(self, indices: Sequence[int]) -> list[torch.Generator]:
-        """One generator per example, seeded by (seed, example index): the sampled labels of an example are the
-        same in every pass and whatever the batch size."""
-        return [torch.Generator().manual_seed(self.seed * 1_000_003 + i) for i in indices]
+    def generators(self, indices: Sequence[int], draw: int = 0) -> list[torch.Generator]:
+        """One generator per example on the model's device, seeded by (seed, draw, example index): an example's
+        sampled labels do not depend on the batch size, the order or the number of processes, and each draw (an
+        estimator's pass, or one of ``fisher_samples``) is independent of the others."""
+        return [torch.Generator(device=self.device).manual_seed(draw_seed(self.seed, draw, i)) for i in indices]
 
-    def objective(self, labels: Labels, batch: dict[str, Any], indices: Sequence[int]) -> torch.Tensor:
-        """The per-example loss [B] whose gradients a pass with ``labels`` captures."""
+    def objective(self, labels: Labels, batch: dict[str, Any], indices: Sequence[int], draw: int = 0) -> torch.Tensor:
+        """The per-example loss [B] whose gradients a pass with ``labels`` captures (``draw``: which sample of
+        the model's labels, for MODEL_SAMPLED)."""
         if labels is Labels.CURVATURE:
             labels = Labels.MODEL_SAMPLED if self.fisher == "sampled" else Labels.DATA
         if labels is Labels.DATA:
             return self.task.train_loss(self.model, batch, sample=None)
         if labels is Labels.MODEL_SAMPLED:
-            return self.task.train_loss(self.model, batch, sample=self.generators(indices))
+            return self.task.train_loss(self.model, batch, sample=self.generators(indices, draw))
         if labels is Labels.MEASUREMENT:
             return self.task.measurement(self.model, batch)
         raise ValueError(f"{labels!r} is not a loss (GGN_ROOT batches come from ggn_captures)")
 
-    def capture(self, indices: list[int], labels: Labels) -> CapturedBatch:
+    def capture(self, indices: list[int], labels: Labels, draw: int = 0) -> CapturedBatch:
         batch = self.collate(indices)
         with eval_mode(self.model), torch.enable_grad(), Capture(self.layers, self.task.token_mask(batch)) as cap:
-            loss = self.objective(labels, batch, indices)
+            loss = self.objective(labels, batch, indices, draw)
             self.check_finite(loss, indices)
             s = cap.output_grads(loss)
             a = cap.activations()
@@ -168,11 +179,18 @@ class DataPasses:
                 "parameters it is cheap) or track a model with fewer outputs"
             )
 
-    def iterate(self, labels: Labels, desc: str | None = None) -> Iterator[CapturedBatch]:
+    def iterate(self, labels: Labels, desc: str | None = None, draw: int = 0) -> Iterator[CapturedBatch]:
+        """Captured batches of the whole data under ``labels``. ``draw`` numbers the independent samples of the
+        model's labels (an estimator's second pass asks for another draw than its first). A sampled pass with
+        ``fisher_samples=k`` yields each batch k times, with k independent draws: estimators count examples by the
+        batches they see, so their averages are over n·k draws."""
+        sampled = labels is Labels.MODEL_SAMPLED or (labels is Labels.CURVATURE and self.fisher == "sampled")
+        draws = self.fisher_samples if sampled else 1
         for indices in self.batches(desc):
-            yield from self._capture_or_split(indices, labels)
+            for k in range(draws):  # fisher_samples draws: the same examples again, with other labels
+                yield from self._capture_or_split(indices, labels, draw * draws + k)
 
-    def _capture_or_split(self, indices: list[int], labels: Labels) -> Iterator[CapturedBatch]:
+    def _capture_or_split(self, indices: list[int], labels: Labels, draw: int = 0) -> Iterator[CapturedBatch]:
         """Capture a batch; when it runs out of memory, halve the batch size (for good) and retry in halves.
 
         A GGN_ROOT batch yields many captures; only running out of memory before its first one splits it (later
@@ -182,7 +200,7 @@ class DataPasses:
                 captures = self.ggn_captures(indices)
                 first = next(captures, None)
             else:
-                captures, first = iter(()), self.capture(indices, labels)
+                captures, first = iter(()), self.capture(indices, labels, draw)
         except RuntimeError as err:
             if not is_out_of_memory(err) or len(indices) == 1:
                 raise
@@ -195,8 +213,8 @@ class DataPasses:
                 f"batch_size={self.batch_size} (pass a smaller batch_size= to skip this retry)",
                 stacklevel=3,
             )
-            yield from self._capture_or_split(indices[:half], labels)
-            yield from self._capture_or_split(indices[half:], labels)
+            yield from self._capture_or_split(indices[:half], labels, draw)
+            yield from self._capture_or_split(indices[half:], labels, draw)
             return
         if first is not None:
             yield first

@@ -148,6 +148,8 @@ def save(analysis, path: str | os.PathLike) -> Path:
             "batch_size": analysis.batch_size,
             "seed": analysis.seed,
             "fisher": analysis.fisher,
+            "fisher_default": not analysis.fisher_given,
+            "fisher_samples": analysis.fisher_samples,
             "cache_dtype": str(analysis.cache_dtype).replace("torch.", ""),
             "estimator_options": analysis.estimator_options,
         },
@@ -221,11 +223,13 @@ def load(cls, path, model, task, train_data, progress: bool = True):
         batch_size=settings["batch_size"],
         seed=settings["seed"],
         fisher=settings["fisher"],
+        fisher_samples=settings.get("fisher_samples", 1),
         modules=layer_names,
         progress=progress,
         cache_dtype=settings["cache_dtype"],
         **settings["estimator_options"],
     )
+    analysis.fisher_given = not settings.get("fisher_default", False)
     current = fingerprint(analysis)
     problems = describe_mismatch(meta["fingerprint"], current)
     if problems:

@@ -22,14 +22,42 @@ def resolve_cache_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise InfkitError(f"cache_dtype={dtype!r} is not supported; use one of {list(CACHE_DTYPES)}")
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """A quarter of the device's memory (GPU: its total memory; CPU: physical RAM)."""
+def device_memory(device: torch.device) -> int:
+    """The device's memory: a GPU's total memory, or the machine's physical RAM."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 4
+        return torch.cuda.get_device_properties(device).total_memory
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 4 * 2**30
+        return 16 * 2**30
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """A quarter of the device's memory."""
+    return device_memory(device) // 4
+
+
+def working_bytes(layers, batch_size: int, positions: int) -> int:
+    """What one batch's capture holds beside the model's own activations: a and s of every tracked layer in
+    float32 (B · T · Σ (d_in + d_out)) and one layer's per-example gradients (B · max d_out · d_in)."""
+    captured = batch_size * positions * sum(layer.d_in + layer.d_out for layer in layers.values())
+    per_example = batch_size * max(layer.n_params for layer in layers.values())
+    return 4 * (captured + per_example)
+
+
+def check_fits_device(plan: Plan, layers, estimator) -> None:
+    """Refuse, before any work, a fit whose factors and working memory exceed the device's memory."""
+    need = plan.factor_bytes + plan.working_bytes
+    if need <= plan.device_bytes:
+        return
+    biggest = sorted(layers.values(), key=lambda layer: -layer.n_params)[:3]
+    named = ", ".join(f"{layer.name} ({layer.d_out} x {layer.d_in})" for layer in biggest)
+    raise InfkitError(
+        f"{estimator.name} on {len(layers)} layers needs about {format_bytes(plan.factor_bytes)} of factors and "
+        f"{format_bytes(plan.working_bytes)} of working memory per batch, more than the "
+        f"{format_bytes(plan.device_bytes)} of {plan.device}. The largest tracked layers: {named}. Track fewer "
+        "layers with modules=, lower batch_size=, or (for a LoRA model) use estimator='datainf'"
+    )
 
 
 @dataclass(frozen=True)
@@ -47,6 +75,13 @@ class Plan:
     device: str
     tracked: str = ""  # what is tracked, in words (LoRA matrices and ordinary layers of a peft model)
     factor_form: str = ""  # the estimator's words on its fitted state (exact: dense or low-rank blocks)
+    fisher: str | None = None  # "sampled" / "empirical" as used; None: the estimator has no curvature
+    fisher_source: str = ""  # why that Fisher: asked for, or the estimator's default and its reason
+    untracked: tuple[str, ...] = ()  # "module: why" for trainable modules left out (tied weights)
+    working_bytes: int = 0  # captured tensors of one batch (see working_bytes)
+    positions: int = 1  # positions per example in the first batch (for the working-memory estimate)
+    batch_size: int = 1
+    device_bytes: int = 0
 
     @property
     def fallback(self) -> str | None:
@@ -66,6 +101,10 @@ class Plan:
             *([f"  {self.tracked}"] if self.tracked else []),
             f"  fit: {self.fit_passes} pass(es) over the train data, factors {format_bytes(self.factor_bytes)}"
             + (f" ({self.factor_form})" if self.factor_form else ""),
+            *([f"  curvature: {self.fisher} Fisher, {self.fisher_source}"] if self.fisher else []),
+            *[f"  not tracked: {line}" for line in self.untracked],
+            f"  working memory: ~{format_bytes(self.working_bytes)} per batch of {self.batch_size} x "
+            f"{self.positions} positions (captured a and s; the model's own activations come on top)",
         ]
         if self.cache_train:
             lines.append(
@@ -85,6 +124,7 @@ def make_plan(analysis) -> Plan:
     n, n_params = analysis.n_train, analysis.n_params
     element = torch.tensor([], dtype=analysis.cache_dtype).element_size()
     train_bytes = n * n_params * element
+    positions = analysis.positions_per_example()
     return Plan(
         estimator=est.name,
         n_train=n,
@@ -99,4 +139,11 @@ def make_plan(analysis) -> Plan:
         device=str(analysis.device),
         tracked=analysis.tracked if analysis.ordinary_layers else "",
         factor_form=est.describe_factors(),
+        fisher=analysis.fisher,
+        untracked=tuple(f"{name} ({why})" for name, why in analysis.untracked.items()),
+        fisher_source="as asked (fisher=)" if analysis.fisher_given else f"{est.name}'s default: {est.fisher_reason}",
+        working_bytes=working_bytes(analysis.layers, analysis.batch_size, positions),
+        positions=positions,
+        batch_size=analysis.batch_size,
+        device_bytes=device_memory(analysis.device),
     )

@@ -364,7 +364,7 @@ def settings_of(models: DemoModels, analysis: Analysis) -> dict[str, Any]:
         "tracked layers": f"{len(analysis.layers)} ({analysis.n_params:,} parameters)",
         "damping": "0.1 x mean eigenvalue per layer (the paper's heuristic)" if analysis.estimator.damping is None
                    else str(analysis.estimator.damping),
-        "Fisher": f"{analysis.fisher}, seed {analysis.seed}",
+        "Fisher": f"{analysis.fisher or 'none (no curvature)'}, seed {analysis.seed}",
         "model weights": f"{models.source} ({models.cache_path or 'not cached'})",
         "training (when the weights were made)": ", ".join(
             f"{k}: {v['epochs']} epochs, {v['seconds']} s" for k, v in models.train_info.items() if k != "accuracy"

@@ -82,6 +82,11 @@ class Estimator:
     #: valid because (G + λI)⁻¹ is symmetric. ``Side.QUERY | Side.TRAIN``: a split (G + λI)⁻¹ = MᵀM, with both
     #: ``query_side`` and ``train_side`` overridden.
     preconditions = Side.QUERY
+    #: The Fisher of the estimator's paper, used when the analysis is given ``fisher=None``: "sampled" (labels
+    #: drawn from the model: the true Fisher) or "empirical" (the data's labels); None when it has no curvature.
+    default_fisher: str | None = "sampled"
+    #: Why, in a few words (the plan prints it).
+    fisher_reason = "the true Fisher, labels drawn from the model (Grosse et al. 2023)"
 
     def __init__(self, layers: dict[str, Layer], damping: Damping = None):
         self.layers = layers

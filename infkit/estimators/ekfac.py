@@ -15,19 +15,25 @@ Note:
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
+from infkit.errors import InfkitError
 from infkit.estimators.base import Estimator, Grads, Side, register
 from infkit.tasks.base import Labels
 
 #: The damping heuristic of Grosse et al. 2023: a tenth of the mean eigenvalue of each layer's block.
 DAMPING_FRACTION = 0.1
+#: The largest side of a Kronecker factor (A is d_in x d_in, S is d_out x d_out) accepted by default: 16384 is
+#: 2 GiB per float64 matrix, held twice (covariance and eigenvectors) plus the eigendecomposition's workspace.
+MAX_FACTOR_DIM = 16384
 
 
 class KroneckerEigenbasis(Estimator):
     """Shared machinery of K-FAC and EK-FAC: eigenbases Q_A, Q_S and an eigenvalue matrix Λ per layer."""
 
-    def __init__(self, layers, damping=None):
+    def __init__(self, layers, damping=None, max_factor_dim: int = MAX_FACTOR_DIM):
         super().__init__(layers, damping)
+        self.check_factor_sizes(int(max_factor_dim))
         self.activation_cov: dict[str, torch.Tensor] = {}  # A [d_in, d_in] float64
         self.gradient_cov: dict[str, torch.Tensor] = {}  # S [d_out, d_out] float64
         self.eigvecs_a: dict[str, torch.Tensor] = {}
@@ -37,6 +43,19 @@ class KroneckerEigenbasis(Estimator):
         self.eigenvalues: dict[str, torch.Tensor] = {}  # Λ [d_out, d_in]
         self.mean_tokens: dict[str, float] = {}  # T̄: real positions per example
         self.n_examples = 0
+
+    def check_factor_sizes(self, limit: int) -> None:
+        """Refuse at construction a layer whose factor would not fit, naming its size and how to leave it out."""
+        for layer in self.layers.values():
+            side, factor = max((layer.d_in, "input factor A"), (layer.d_out, "output-gradient factor S"))
+            if side > limit:
+                gib = 2 * 8 * side**2 / 2**30
+                raise InfkitError(
+                    f"layer {layer.name!r} ({layer.d_out} x {layer.d_in}) has a {side} x {side} {factor}: "
+                    f"{gib:.1f} GiB in float64 (covariance and eigenvectors), above {self.name}'s limit of "
+                    f"{limit} per side. Leave it out with modules= (a pattern that does not match it), or raise "
+                    "max_factor_dim= if you have the memory"
+                )
 
     def fit_kronecker_factors(self, passes) -> None:
         """Pass 1: A, S (token averages) and T̄, then their float64 eigendecompositions."""
@@ -53,7 +72,9 @@ class KroneckerEigenbasis(Estimator):
                 sum_ss[name] = sum_ss[name] + (s.T @ s).double()
                 tokens[name] += cb.token_counts[name]
         self.n_examples = n_examples
-        for name in self.layers:
+        bar = tqdm(self.layers, desc=f"{self.name}: eigendecompositions", disable=not passes.progress, leave=False,
+                   unit="layer")
+        for name in bar:
             count = max(tokens[name], 1)
             self.activation_cov[name] = sum_aa[name] / count
             self.gradient_cov[name] = sum_ss[name] / count
@@ -141,14 +162,18 @@ class EKFAC(KroneckerEigenbasis):
         # With the empirical Fisher the correction pass sees the very gradients the train-side cache needs: keep
         # them (rotated) and divide by Λ + λ afterwards, so fitting and caching are one pass (docs/design.md §2).
         keep = keep if passes.fisher == "empirical" else None
-        for cb in passes.iterate(Labels.CURVATURE, desc="ekfac: eigenvalue correction"):
+        # draw=1: labels sampled independently of the covariance pass's, which chose the eigenbasis (the same draws
+        # would measure Λ on the samples the basis was fitted to, biasing its small eigenvalues low)
+        n_rows = 0
+        for cb in passes.iterate(Labels.CURVATURE, desc="ekfac: eigenvalue correction", draw=1):
+            n_rows += len(cb.indices)
             rows = slice(cb.indices[0], cb.indices[-1] + 1)  # batches are consecutive examples
             for name in self.layers:
                 rotated = self._rotated_grads(cb, name)  # Q_Sᵀ ΣW Q_A per example, in the model's dtype
                 sums[name] = sums[name] + rotated.square().sum(dim=0).double()
                 if keep is not None:
                     keep[name][rows] = rotated
-        self.eigenvalues = {name: sums[name] / self.n_examples for name in self.layers}
+        self.eigenvalues = {name: sums[name] / n_rows for name in self.layers}
         self.set_damping()
         if keep is not None:
             for name, stored in keep.items():

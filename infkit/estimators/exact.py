@@ -41,6 +41,10 @@ ROWS_PER_UPDATE = 2048
 
 @register("exact")
 class Exact(Estimator):
+    # The reference of the block-diagonal estimators: by default the GGN, which the sampled Fisher of EK-FAC and
+    # K-FAC estimates, computed exactly (no sampling); fisher="empirical" is the reference of DataInf and LiSSA.
+    default_fisher = "sampled"
+    fisher_reason = "the Gauss-Newton matrix computed exactly, the expectation of the sampled Fisher"
     def __init__(self, layers, damping=None, block_diagonal: bool = False, max_params: int = DEFAULT_MAX_PARAMS):
         super().__init__(layers, damping)
         self.block_diagonal = block_diagonal

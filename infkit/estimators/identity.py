@@ -14,6 +14,8 @@ from infkit.estimators.base import Estimator, Grads, register
 class Identity(Estimator):
     needs_fit = False
     fit_passes = 0
+    default_fisher = None
+    fisher_reason = "no curvature"
 
     def fit(self, passes, keep=None):
         self.damping_used = {name: 0.0 for name in self.layers}

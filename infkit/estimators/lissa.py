@@ -49,6 +49,8 @@ STABILITY_MARGIN = 0.6
 
 @register("lissa")
 class LiSSA(Estimator):
+    default_fisher = "empirical"
+    fisher_reason = "the empirical Fisher, the data's labels (Koh & Liang 2017; Kwon et al. 2023)"
     def __init__(
         self,
         layers,
@@ -128,9 +130,8 @@ class LiSSA(Estimator):
                 store.copy_(flat[name].reshape(store.shape).to(store.dtype))
         else:
             keep = None
-        n = passes.n
-        for name, g in flat.items():
-            self.resolve_damping(name, DAMPING_FRACTION * float(g.double().square().sum()) / (n * g.shape[1]))
+        for name, g in flat.items():  # rows: n examples (times fisher_samples draws)
+            self.resolve_damping(name, DAMPING_FRACTION * float(g.double().square().mean()))
         self.stacks = self._to_groups(flat)
         del flat
         self.seed = passes.seed

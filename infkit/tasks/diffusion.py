@@ -312,7 +312,8 @@ class Diffusion(Task):
         k = prediction.shape[1]
         sigma = math.sqrt(k / 2)
         dtype = torch.float64 if prediction.dtype == torch.float64 else torch.float32
-        draws = torch.stack([torch.randn(prediction.shape[1:], generator=g, dtype=dtype) for g in generators])
+        draws = torch.stack([torch.randn(prediction.shape[1:], generator=g, dtype=dtype, device=g.device)
+                             for g in generators])
         return prediction.detach() + sigma * draws.to(device=prediction.device, dtype=prediction.dtype)
 
     def output_hessian_root(self, model, batch):

@@ -15,14 +15,16 @@ from infkit.tasks.base import IGNORE_INDEX, Task
 
 
 def _sample_labels(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Draw one label per position from softmax(logits), example b from ``generators[b]`` (CPU generators), so an
-    example's labels do not depend on which batch it is in."""
-    probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
+    """Draw one label per position from softmax(logits), example b from ``generators[b]`` (on the logits' device),
+    so an example's labels do not depend on which batch it is in. The softmax stays on the device, in float32
+    (float64 for a float64 model)."""
+    probs = torch.softmax(_at_least_float32(logits.detach()), dim=-1)
     flat = probs.reshape(probs.shape[0], -1, probs.shape[-1])
-    broken = ~torch.isfinite(flat).all(dim=-1)
-    flat[broken] = 1.0  # non-finite logits: draw anything; the loss is non-finite and is reported by example
+    broken = ~torch.isfinite(flat).all(dim=-1, keepdim=True)
+    # non-finite logits: draw anything; the loss is non-finite and is reported by example
+    flat = torch.where(broken, torch.ones_like(flat), flat)
     drawn = torch.stack([torch.multinomial(flat[b], 1, generator=g)[:, 0] for b, g in enumerate(generators)])
-    return drawn.reshape(probs.shape[:-1]).to(logits.device)
+    return drawn.reshape(probs.shape[:-1])
 
 
 def _softmax_hessian_root(logits: torch.Tensor) -> torch.Tensor:
@@ -215,7 +217,7 @@ class CausalLM(Task):
         token_nll = F.cross_entropy(
             _at_least_float32(logits).reshape(-1, logits.shape[-1]), targets.clamp(min=0).reshape(-1), reduction="none"
         ).reshape(targets.shape)
-        return (token_nll * valid).sum(dim=1)
+        return torch.where(valid, token_nll, torch.zeros_like(token_nll)).sum(dim=1)  # NaN at padding stays out
 
     def token_mask(self, batch):
         return batch["attention_mask"]
@@ -230,7 +232,7 @@ class CausalLM(Task):
             logits, targets = self._shifted(model, batch)
         measured = targets != IGNORE_INDEX
         log_p = torch.log_softmax(logits.double(), dim=-1)
-        nll = -log_p.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * measured
+        nll = torch.where(measured, -log_p.gather(-1, targets.clamp(min=0)[..., None])[..., 0], 0.0)
         first = torch.zeros_like(nll[:, :1])
         return torch.cat([first, nll], dim=1), torch.cat([first.bool(), measured], dim=1)
 
