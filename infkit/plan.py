@@ -84,6 +84,12 @@ class Plan:
     device_bytes: int = 0
 
     @property
+    def bytes_per_query(self) -> int:
+        """What each query adds to a ``scores()`` call: its gradient (P floats) and its scores, per layer and in
+        total ((layers + 1) · n floats), in float32."""
+        return 4 * (self.n_params + (self.n_layers + 1) * self.n_train)
+
+    @property
     def fallback(self) -> str | None:
         if self.cache_train:
             return None
@@ -104,7 +110,8 @@ class Plan:
             *([f"  curvature: {self.fisher} Fisher, {self.fisher_source}"] if self.fisher else []),
             *[f"  not tracked: {line}" for line in self.untracked],
             f"  working memory: ~{format_bytes(self.working_bytes)} per batch of {self.batch_size} x "
-            f"{self.positions} positions (captured a and s; the model's own activations come on top)",
+            f"{self.positions} positions (captured a and s; the model's own activations come on top); "
+            f"scores(): ~{format_bytes(self.bytes_per_query)} per query",
         ]
         if self.cache_train:
             lines.append(

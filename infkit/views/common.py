@@ -24,6 +24,24 @@ from infkit.views import html as H
 ASSETS = Path(__file__).with_name("assets")
 
 
+class StaticHTMLRepr:
+    """Mixin for a container widget (before its ipywidgets base): its mime bundle carries its deterministic repr as
+    text/plain and its static HTML as text/html next to the widget view, so exports and nbval see them."""
+
+    def static_html(self) -> str:
+        raise NotImplementedError
+
+    def _repr_html_(self) -> str:
+        return self.static_html()
+
+    def _repr_mimebundle_(self, **kwargs: Any):
+        data = super()._repr_mimebundle_(**kwargs)
+        data = dict(data[0] if isinstance(data, tuple) else data)
+        data["text/plain"] = repr(self)
+        data["text/html"] = self.static_html()
+        return data
+
+
 def asset_text(name: str) -> str:
     """The text of one of the front-end files in :data:`ASSETS`."""
     return (ASSETS / name).read_text(encoding="utf-8")

@@ -24,6 +24,7 @@ from infkit.views.common import (
     PALETTE,
     HeatmapRow,
     QuerySpec,
+    StaticHTMLRepr,
     asset_text,
     context_length,
     divisors,
@@ -60,7 +61,7 @@ class ScoreScatter(anywidget.AnyWidget):
         return f"ScoreScatter(points={len(self.x)}, x={self.xlabel!r}, y={self.ylabel!r})"
 
 
-class EstimatorComparison(W.VBox):
+class EstimatorComparison(StaticHTMLRepr, W.VBox):
     """Compare estimators on the same queries and train data.
 
     Args:
@@ -320,16 +321,6 @@ class EstimatorComparison(W.VBox):
             parts.append(H.legend(None))
             parts.append(heatmap_rows_html(self.pair_map.row_data, self.pair_map.scales, "influence"))
         return fragment("".join(parts))
-
-    def _repr_html_(self) -> str:
-        return self.static_html()
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        data = super()._repr_mimebundle_(**kwargs)
-        data = dict(data[0] if isinstance(data, tuple) else data)
-        data["text/plain"] = repr(self)
-        data["text/html"] = self.static_html()
-        return data
 
     def __repr__(self) -> str:
         q = self.query_picker.value

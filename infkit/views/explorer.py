@@ -23,6 +23,7 @@ from infkit.views.common import (
     MODES,
     HeatmapRow,
     QuerySpec,
+    StaticHTMLRepr,
     context_length,
     divisors,
     make_query,
@@ -69,7 +70,7 @@ def _analyses(analyses: Any) -> dict[str, Any]:
     return out
 
 
-class InfluenceExplorer(W.VBox):
+class InfluenceExplorer(StaticHTMLRepr, W.VBox):
     """Explore which training examples drive each query's measurement.
 
     Args:
@@ -413,16 +414,6 @@ class InfluenceExplorer(W.VBox):
 
     def static_html(self) -> str:
         return explorer_html(self.view)
-
-    def _repr_html_(self) -> str:
-        return self.static_html()
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        data = super()._repr_mimebundle_(**kwargs)
-        data = dict(data[0] if isinstance(data, tuple) else data)
-        data["text/plain"] = repr(self)
-        data["text/html"] = self.static_html()
-        return data
 
     def __repr__(self) -> str:
         return (f"InfluenceExplorer(estimators={list(self.analyses)}, queries={len(self.queries)}, "
