@@ -190,12 +190,16 @@ def story_figures(story) -> list[Figure]:
     capital = views["capital"]
     country = corpus.countries[0]
     p = capital.proponents
-    same_order = all(ex[r.index].kind == "capital" and ex[r.index].subject == country.country for r in p[:3])
+    fact = f"The capital of {country.country} is {country.capital}."
+    paraphrases = [r for r in p[1:4] if ex[r.index].kind == "capital" and ex[r.index].subject == country.country]
+    others = [r for r in p[1:4] if r not in paraphrases]
     figs.append(Figure(
         "capital query: top proponents",
-        'the top proponents are the three same-order paraphrases (scores {}, {}, {}), then "' + p[3].text + '"',
-        (_sig(p[0].score), _sig(p[1].score), _sig(p[2].score)), same_order,
-        "the top three are the queried country's same-order capital sentences"))
+        'the top proponent is the fact itself (score {}); its two same-order paraphrases follow in the top four '
+        '(scores {}, {}), with "' + (others[0].text if others else "") + '" between',
+        (_sig(p[0].score), *(_sig(r.score) for r in paraphrases[:2])),
+        p[0].text == fact and len(paraphrases) == 2 and len(others) == 1,
+        "the fact ranks first and its two same-order paraphrases are in the top four"))
     figs.append(Figure("capital query: strongest opponent",
                        'the strongest opponent is "' + capital.opponents[0].text + '"'))
     arith = views["arithmetic"]

@@ -67,9 +67,8 @@ def test_nan_loss_names_the_example():
 def test_padding_without_attention_mask():
     task = tasks.CausalLM(pad_token_id=0)
     padded = {"input_ids": torch.tensor([5, 6, 7, 0, 0])}
-    an = Analysis(tiny_gpt2(), task, [padded], estimator="identity", progress=False)
-    with pytest.raises(InfkitError, match="no attention_mask.*Pass 'attention_mask'"):
-        an.scores(structured_sequences(1, 24, 5, seed=0))
+    with pytest.raises(InfkitError, match="no attention_mask.*Pass 'attention_mask'"):  # the plan reads a batch
+        Analysis(tiny_gpt2(), task, [padded], estimator="identity", progress=False)
 
 
 def test_exact_refuses_large_models_with_the_size():

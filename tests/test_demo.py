@@ -227,10 +227,10 @@ def test_queries_find_their_facts_and_tokens_sum_to_scores(models, fitted):
     queries = story.main_queries(models.corpus)
     with demo.single_thread():
         res = fitted.scores([q.as_dict() for q in queries])
-        view = story.top_influences(fitted, res, 0, queries[0], models.corpus.pretrain, models.tokenizer, k=3)
+        view = story.top_influences(fitted, res, 0, queries[0], models.corpus.pretrain, models.tokenizer, k=4)
     texts = [r.text for r in view.proponents]
     assert texts[0] == "The capital of Veloria is Parth."
-    assert all("Parth" in t for t in texts)
+    assert sum("Parth" in t for t in texts) == 3  # the fact and its two same-order paraphrases
     assert view.answer == " Parth"
     for row in view.rows:
         assert sum(row.values) == pytest.approx(row.score, rel=1e-3, abs=1e-3)
@@ -238,7 +238,7 @@ def test_queries_find_their_facts_and_tokens_sum_to_scores(models, fitted):
     arithmetic = res.top(2, 3).proponents.indices
     assert all(models.corpus.pretrain[i].text.endswith("equals 7.") for i in arithmetic)
     names, shares = story.layer_shares(res)
-    assert len(names) == 9 and np.allclose(shares.sum(axis=1), 1.0)
+    assert len(names) == 8 and np.allclose(shares.sum(axis=1), 1.0)  # 2 blocks x 4 (the tied lm_head: not tracked)
     fits = story.sparsity(res)
     assert all(0.3 < f.exponent < 3 and f.r2 > 0.9 for f in fits)
 

@@ -254,15 +254,15 @@ def test_datainf_without_lora_warns_with_the_tracked_size():
 
 
 def test_exact_refuses_a_lora_rank_too_large_with_the_size():
-    model = lora_gpt2(r=64, steps=0)
+    model = lora_gpt2(r=64, steps=1)  # trained a step: B != 0 (an untrained adapter is refused first)
     with pytest.raises(InfkitError, match=r"dense 22528 x 22528 float64 matrix.*smaller LoRA rank"):
         analysis(model, finetune_data(4), "exact")
 
 
-def test_datainf_on_an_untrained_adapter_says_why():
-    model = lora_gpt2(r=2, steps=0)  # B = 0: every gradient of A is zero, so is DataInf's damping heuristic
-    with pytest.raises(InfkitError, match=r"damping > 0.*LoRA B != 0"):
-        analysis(model, finetune_data(4), "datainf").fit()
+def test_datainf_with_zero_damping_says_why():
+    model = lora_gpt2(r=2, steps=5)
+    with pytest.raises(InfkitError, match=r"datainf needs a damping > 0.*has λ = 0"):
+        analysis(model, finetune_data(4), "datainf", damping=0.0).fit()
 
 
 @pytest.mark.parametrize("option", [{"depth": 0}, {"repeats": 0}, {"scale": -1.0}])
