@@ -106,15 +106,6 @@ class Analysis:
         self.adapters = active_adapters(model)  # the peft adapter(s) whose modules are tracked; [] without peft
         # with peft: tracked layers that are not LoRA matrices (e.g. a modules_to_save classifier head) -> why
         self.ordinary_layers = ordinary_layers(self.layers, self.adapters)
-        fresh = untrained_lora(model, self.layers)
-        if fresh:
-            raise InfkitError(
-                f"the LoRA adapter is untrained: the B matrix beside {len(fresh)} tracked A matri(ces) is all zero "
-                f"(as peft initialises it; e.g. {fresh[0]!r}), so the model is still its base model and those A "
-                "matrices get no gradient: their influence would be 0/0. Fine-tune the adapter first (influence "
-                "explains a trained model), or track only the B matrices (modules='*lora_B*'), which do carry a "
-                "gradient"
-            )
         if data_length(train_data) == 0:
             raise InfkitError("the train data is empty: influence needs at least one training example")
         self.estimator_options = dict(estimator_options)
@@ -186,6 +177,7 @@ class Analysis:
         """Fit the estimator's curvature on the train data, then cache the train side (once; again: no-op)."""
         if self.fitted:
             return self
+        self._check_trained_adapter()
         plan = self.plan()
         if self.progress:
             print(plan.summary())
@@ -199,6 +191,18 @@ class Analysis:
         self.batch_size = self.train_passes.batch_size  # reduced if a batch ran out of memory
         self.fitted = True
         return self
+
+    def _check_trained_adapter(self) -> None:
+        """Refuse, before any pass, to fit through LoRA A matrices whose B partner is still all zero."""
+        fresh = untrained_lora(self.model, self.layers)
+        if fresh:
+            raise InfkitError(
+                f"the LoRA adapter is untrained: the B matrix beside {len(fresh)} tracked A matri(ces) is all zero "
+                f"(as peft initialises it; e.g. {fresh[0]!r}), so the model is still its base model and those A "
+                "matrices get no gradient: their influence would be 0/0. Fine-tune the adapter first (influence "
+                "explains a trained model), or track only the B matrices (modules='*lora_B*'), which do carry a "
+                "gradient"
+            )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted analysis (factors, train-side cache, settings, fingerprints) to a folder, atomically."""

@@ -161,10 +161,12 @@ def test_nan_at_padded_positions_reaches_no_statistic(estimator):
 
 # -- 7. a fresh LoRA adapter ----------------------------------------------------------------------------------------
 @quiet_peft
-def test_an_untrained_lora_adapter_is_refused_up_front_with_what_to_do():
+def test_an_untrained_lora_adapter_is_refused_before_any_pass_with_what_to_do():
     model = lora_gpt2(r=2, steps=0)  # B = 0, as peft initialises it
+    an = Analysis(model, tasks.CausalLM(), finetune_data(4), progress=False)  # constructing (to inspect) is fine
+    an.train_passes.iterate = None  # fit() must refuse before any pass over the data
     with pytest.raises(InfkitError, match="LoRA adapter is untrained.*Fine-tune the adapter first.*lora_B"):
-        Analysis(model, tasks.CausalLM(), finetune_data(4), progress=False)
+        an.fit()
     only_b = Analysis(model, tasks.CausalLM(), finetune_data(4), modules="*lora_B*", estimator="datainf",
                       progress=False)
     assert torch.isfinite(only_b.fit().scores(finetune_data(2, seed=2)).scores).all()
