@@ -155,3 +155,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 if __name__ == "__main__":  # `make bench` runs every benchmarks/*.py; this one is a library
     pass
+
+
+def publish(table: str, name: str) -> None:
+    """Print a benchmark's markdown table and write it to bench-output/<name>.md."""
+    print(table)
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    (OUTPUT_DIR / f"{name}.md").write_text(table + "\n")

@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny LoRA models live with the tests
 
+from _common import publish  # noqa: E402
 from lora_models import finetune_data, lora_gpt2  # noqa: E402
 
 from infkit import Analysis, tasks  # noqa: E402
@@ -188,11 +189,7 @@ def main() -> None:
         f"| infkit DataInf: fit + scores, end to end | {end_to_end:.3f} | {end_to_end / floor:.2f}x the floor |",
     ]
     lines += ["", *which_side(args.sides, args.queries, args.repeats)]
-    table = "\n".join(lines)
-    print(table)
-    out = ROOT / "bench-output"
-    out.mkdir(exist_ok=True)
-    (out / "datainf_speed.md").write_text(table + "\n")
+    publish("\n".join(lines), "datainf_speed")
 
 
 if __name__ == "__main__":

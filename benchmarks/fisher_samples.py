@@ -25,6 +25,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the digits MLP lives with the tests
 
+from _common import publish  # noqa: E402
 from helpers import digits_mlp  # noqa: E402
 
 from infkit import Analysis, tasks  # noqa: E402
@@ -97,11 +98,7 @@ def main() -> None:
             lines.append(f"| {damping:g} | {k} | {spread(pearsons)} | {spread(ldss)} | {exact_lds:.3f} | "
                          f"{statistics.mean(seconds):.3f} |")
             print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    out = ROOT / "bench-output"
-    out.mkdir(exist_ok=True)
-    (out / "fisher_samples.md").write_text(table + "\n")
+    publish("\n".join(lines), "fisher_samples")
 
 
 if __name__ == "__main__":
