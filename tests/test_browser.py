@@ -326,7 +326,8 @@ def test_static_exports_render_offline(browser, tmp_path, timings):
         .map(t => getComputedStyle(t).backgroundColor)""")
     rgb = [_rgb(c) for c in colours]
     assert any(r > b + 60 for r, g, b in rgb), "no red token in the exported explorer"
-    assert any(b > r + 30 for r, g, b in rgb), "no blue token in the exported explorer"
+    # opponents are paler than the top proponent on the shared scale (its strongest token reads b - r = 26)
+    assert any(b > r + 20 for r, g, b in rgb), "no blue token in the exported explorer"
     # The heatmap: NaN hatched, special outlined; the comparison: its scatter image decoded offline.
     assert "repeating-linear-gradient" in page.locator(".ik-tok.ik-nan").first.evaluate(
         "e => getComputedStyle(e).backgroundImage")
