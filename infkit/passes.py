@@ -68,13 +68,16 @@ def data_length(data: Any) -> int:
 
 @contextmanager
 def eval_mode(model: torch.nn.Module):
-    """Dropout off while influence is computed; the model's own mode is restored afterwards."""
-    was_training = model.training
+    """Dropout off (and BatchNorm on its running statistics) while influence is computed; afterwards, also after
+    an error, every module's own mode is restored as it was — a BatchNorm the user froze in eval inside a model in
+    train mode stays in eval."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -123,3 +123,23 @@ def test_max_length_keeps_a_completion_and_the_start_of_a_text():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [1, 2, 3, 4]]
     assert batch["labels"][0].tolist() == [-100, -100, 7, 8]  # the completion survives the cut
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_every_modules_own_train_eval_mode_is_restored_also_after_an_error():
+    """A BatchNorm frozen in eval inside a model in train mode stays in eval after fit() and scores(), and after a
+    fit that fails; its running statistics never change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.1), nn.Linear(6, 3)).double()
+    model.train()
+    model[1].eval()  # frozen by the user
+    modes = {name: m.training for name, m in model.named_modules()}
+    stats = model[1].running_mean.clone(), model[1].running_var.clone()
+    data = [(torch.randn(4, dtype=torch.float64), i % 3) for i in range(12)]
+    an = Analysis(model, tasks.Classification(), data, damping=1e-2, batch_size=4, progress=False)
+    an.fit().scores(data[:2])
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert torch.equal(model[1].running_mean, stats[0]) and torch.equal(model[1].running_var, stats[1])
+    broken = data + [(torch.full((4,), float("nan"), dtype=torch.float64), 0)]
+    with pytest.raises(InfkitError, match="loss of train example 12 is nan"):
+        Analysis(model, tasks.Classification(), broken, damping=1e-2, batch_size=4, progress=False).fit()
+    assert {name: m.training for name, m in model.named_modules()} == modes
