@@ -22,6 +22,7 @@ import torch
 
 from infkit import cache as caches
 from infkit import persist, scoring
+from infkit.fingerprint import fingerprint
 from infkit.cache import Cache
 from infkit.capture import (
     active_adapters,
@@ -186,7 +187,7 @@ class Analysis:
         fitted = self.estimator.fit(self.train_passes, keep=caches.allocate_train_side(self) if fills else None)
         self.timings["fit"] = time.perf_counter() - start
         start = time.perf_counter()
-        self.cache = caches.build(self, plan, fitted, persist.fingerprint(self))
+        self.cache = caches.build(self, plan, fitted, fingerprint(self))
         self.timings["cache"] = time.perf_counter() - start
         self.batch_size = self.train_passes.batch_size  # reduced if a batch ran out of memory
         self.fitted = True

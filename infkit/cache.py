@@ -9,7 +9,7 @@ Two parts:
   per-example gradients), stored per layer as [n_train, d_out, d_in] in ``dtype`` (float32 or bfloat16). With it a
   query costs one forward+backward plus one matrix product per layer.
 
-A fingerprint (:func:`infkit.persist.fingerprint`) ties a cache to the tracked parameters and the train data, so a
+A fingerprint (:func:`infkit.fingerprint.fingerprint`) ties a cache to the tracked parameters and the train data, so a
 cache from another model or other data is refused with a message saying what differs.
 
 ``build`` makes the cache after a fit: from the train side the fit itself produced (``Fitted.train_side``, see
