@@ -13,6 +13,7 @@ query gradients (the measurement) and hands them to a kernel of :mod:`infkit.sco
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -22,7 +23,6 @@ import torch
 
 from infkit import cache as caches
 from infkit import persist, scoring
-from infkit.fingerprint import fingerprint
 from infkit.cache import Cache
 from infkit.capture import (
     active_adapters,
@@ -34,13 +34,37 @@ from infkit.capture import (
 )
 from infkit.errors import InfkitError
 from infkit.estimators import make_estimator
-from infkit.estimators.base import Damping, Grads
+from infkit.estimators.base import Damping, Grads, plain_number
+from infkit.fingerprint import Staleness, fingerprint
 from infkit.passes import DataPasses, data_length, model_device
 from infkit.plan import Plan, check_fits_device, default_memory_budget, make_plan, resolve_cache_dtype
 from infkit.result import InfluenceResult, TokenScores
 from infkit.tasks.base import Labels, Task
 
 FISHER_KINDS = ("sampled", "empirical")
+
+
+def autograd_allowed(method):
+    """Run an analysis method with autograd available even when called under ``torch.inference_mode()`` (or
+    ``torch.no_grad()``): influence needs gradients, and the user's mode is back in place afterwards."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return method(*args, **kwargs)
+
+    return run
+
+
+def whole_number(value: Any, what: str, minimum: int | None = None) -> int:
+    """An int (a numpy or 0-d torch integer is accepted as one), refused clearly when it is not a whole number."""
+    value = plain_number(value)
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # inf/NaN: not whole
+    if isinstance(value, bool) or not whole:
+        raise InfkitError(f"{what} must be a whole number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise InfkitError(f"{what} must be >= {minimum}, got {value!r}")
+    return int(value)
 
 
 class Analysis:
@@ -93,8 +117,9 @@ class Analysis:
     ):
         if fisher is not None and fisher not in FISHER_KINDS:
             raise InfkitError(f"fisher={fisher!r} is not one of {FISHER_KINDS} (or None for the estimator's own)")
-        if batch_size < 1:
-            raise InfkitError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size, seed = whole_number(batch_size, "batch_size", minimum=1), whole_number(seed, "seed")
+        if memory_budget is not None:
+            memory_budget = whole_number(memory_budget, "memory_budget", minimum=0)
         if not isinstance(task, Task):
             raise InfkitError(f"task must be an infkit Task (e.g. infkit.tasks.CausalLM()), got {type(task).__name__}")
         self.model, self.task, self.train_data = model, task, train_data
@@ -109,8 +134,8 @@ class Analysis:
         self.ordinary_layers = ordinary_layers(self.layers, self.adapters)
         if data_length(train_data) == 0:
             raise InfkitError("the train data is empty: influence needs at least one training example")
-        self.estimator_options = dict(estimator_options)
-        self.estimator = make_estimator(estimator, self.layers, damping, estimator_options)
+        self.estimator_options = {k: plain_number(v) for k, v in estimator_options.items()}
+        self.estimator = make_estimator(estimator, self.layers, damping, self.estimator_options)
         #: the Fisher used: the one asked for, else the estimator's own (None: it has no curvature)
         self.fisher = fisher if fisher is not None else self.estimator.default_fisher
         self.fisher_given = fisher is not None
@@ -123,14 +148,14 @@ class Analysis:
         self.cache_dtype = resolve_cache_dtype(cache_dtype)
         self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
         self.cache: Cache | None = None
+        self._staleness: Staleness | None = None
         self.train_passes = self._passes(train_data, "train")
         self._positions: int | None = None
         check_fits_device(self.plan(), self.layers, self.estimator)
         self._self_influence: torch.Tensor | None = None
 
     def _check_fisher_samples(self, k: int) -> int:
-        if int(k) != k or k < 1:
-            raise InfkitError(f"fisher_samples must be a whole number >= 1, got {k!r}")
+        k = whole_number(k, "fisher_samples", minimum=1)
         if k > 1 and self.fisher != "sampled":
             raise InfkitError(f"fisher_samples={k} averages draws of sampled labels, but this analysis uses "
                               f"fisher={self.fisher!r}; drop fisher_samples or use fisher='sampled'")
@@ -174,24 +199,41 @@ class Analysis:
         """What ``fit()`` and each query will cost, before any heavy work: bytes and passes over the data."""
         return make_plan(self)
 
+    @autograd_allowed
     def fit(self) -> Analysis:
-        """Fit the estimator's curvature on the train data, then cache the train side (once; again: no-op)."""
+        """Fit the estimator's curvature on the train data, then cache the train side (once; again: a no-op, unless
+        the model or the train data changed since, which refits)."""
         if self.fitted:
-            return self
+            changed = self._staleness.problems(self)
+            if not changed:
+                return self
+            print("infkit: refitting, since the last fit: " + "; ".join(changed))
+            self._discard_fit()
         self._check_trained_adapter()
         plan = self.plan()
         if self.progress:
             print(plan.summary())
+        fitted_on = fingerprint(self)  # before the passes: what this fit sees
         start = time.perf_counter()
         fills = plan.cache_train and self.estimator.fills_train_side(self.fisher)
         fitted = self.estimator.fit(self.train_passes, keep=caches.allocate_train_side(self) if fills else None)
         self.timings["fit"] = time.perf_counter() - start
         start = time.perf_counter()
-        self.cache = caches.build(self, plan, fitted, fingerprint(self))
+        self.cache = caches.build(self, plan, fitted, fitted_on)
         self.timings["cache"] = time.perf_counter() - start
         self.batch_size = self.train_passes.batch_size  # reduced if a batch ran out of memory
+        self._staleness = Staleness(self, fitted_on)
         self.fitted = True
         return self
+
+    def _discard_fit(self) -> None:
+        """Forget a fit whose model or data changed: a fresh estimator, no cache, no self-influence."""
+        self.estimator = make_estimator(self.estimator.name, self.layers, self.estimator.damping,
+                                        self.estimator_options)
+        self.cache, self._self_influence, self._last_result = None, None, None
+        self.train_passes = self._passes(self.train_data, "train")
+        self._positions = None
+        self.fitted = False
 
     def _check_trained_adapter(self) -> None:
         """Refuse, before any pass, to fit through LoRA A matrices whose B partner is still all zero."""
@@ -218,18 +260,27 @@ class Analysis:
         """Install a fitted state (used by ``load``)."""
         self.estimator.load_state(factors, damping_used)
         self.cache = Cache(self.device, self.cache_dtype, dict(factors), train_side, fingerprint)
+        self._staleness = Staleness(self, fingerprint)
         if train_side is None:
             self.cache.fallback = "the save holds no train-side cache: every scores() call streams the train data"
         self._self_influence = self_influence
         self.fitted = True
 
     def _require_fit(self, what: str) -> None:
+        """Fit when the estimator needs no fit; refuse an unfitted one, or one whose model or data changed."""
         if not self.fitted:
             if self.estimator.needs_fit:
                 raise InfkitError(f"{what} needs a fitted analysis: call an.fit() first")
             self.fit()
+        changed = self._staleness.problems(self)
+        if changed:
+            raise InfkitError(
+                f"{what}: the fitted state no longer matches — since fit(): " + "; ".join(changed)
+                + ". Scores from it would be stale: call an.fit() again to refit on the current model and data"
+            )
 
     # -- gradients ----------------------------------------------------------------------------------------
+    @autograd_allowed
     def query_gradients(self, query_data: Any) -> Grads:
         """∇f(z_q) of each query, {layer: [n_query, d_out, d_in]}."""
         grads: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
@@ -238,12 +289,14 @@ class Analysis:
                 grads[name].append(cb.grads(name))
         return {name: torch.cat(parts) for name, parts in grads.items()}
 
+    @autograd_allowed
     def preconditioned_queries(self, query_data: Any) -> Grads:
         """Ṽ = (G + λI)⁻¹ ∇f(z_q) per layer, [n_query, d_out, d_in]."""
         self._require_fit("scoring")
         return self.estimator.precondition(self.query_gradients(query_data))
 
     # -- scores -------------------------------------------------------------------------------------------
+    @autograd_allowed
     def scores(
         self, query_data: Any, query_rank: int | None = None, train_indices: list[int] | None = None
     ) -> InfluenceResult:
@@ -263,10 +316,10 @@ class Analysis:
         columns = self._check_train_indices(train_indices)
         passes = self.train_passes if columns is None else self._passes([self.train_data[i] for i in columns], "train")
         start = time.perf_counter()
+        if query_rank is not None:
+            query_rank = whole_number(query_rank, "query_rank", minimum=1)
         query_grads = self.query_gradients(query_data)
         if query_rank is not None:
-            if query_rank < 1:
-                raise InfkitError(f"query_rank must be >= 1, got {query_rank}")
             factors = scoring.low_rank_queries(self.estimator.precondition(query_grads), query_rank)
             per_layer = scoring.streamed_low_rank(factors, passes)
         elif self.cache is not None and self.cache.train_side is not None:
@@ -277,6 +330,7 @@ class Analysis:
         else:
             per_layer = scoring.streamed(self.estimator, self.estimator.query_side(query_grads), passes)
         total = torch.stack(list(per_layer.values())).sum(dim=0)
+        scoring.check_finite_scores(total, per_layer, columns)
         self.timings["scores"] = time.perf_counter() - start
         self._last_result = InfluenceResult(
             scores=total,
@@ -303,6 +357,7 @@ class Analysis:
             raise InfkitError(f"train_indices {bad[:5]} are out of range for {self.n_train} train examples")
         return columns
 
+    @autograd_allowed
     def self_influence(self) -> torch.Tensor:
         """∇L(z_i)ᵀ (G + λI)⁻¹ ∇L(z_i) for every train example, [n_train] (>= 0)."""
         self._require_fit("self_influence()")
@@ -315,6 +370,7 @@ class Analysis:
                 self._self_influence = scoring.self_influence_streamed(self.estimator, self.train_passes)
         return self._self_influence.clone()
 
+    @autograd_allowed
     def token_scores(self, q: int, i: int, result: InfluenceResult | None = None) -> TokenScores:
         """Per-token contributions s_tᵀ Ṽ_q a_t of train example i to query q of ``result`` (default: the last
         ``scores()`` call's). They sum, with the per-layer split, to ``result.scores[q, i]``."""

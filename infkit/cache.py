@@ -9,8 +9,8 @@ Two parts:
   per-example gradients), stored per layer as [n_train, d_out, d_in] in ``dtype`` (float32 or bfloat16). With it a
   query costs one forward+backward plus one matrix product per layer.
 
-A fingerprint (:func:`infkit.fingerprint.fingerprint`) ties a cache to the tracked parameters and the train data, so a
-cache from another model or other data is refused with a message saying what differs.
+A fingerprint (:func:`infkit.fingerprint.fingerprint`) ties a cache to the model's whole state and the train data,
+so a cache from another model or other data is refused with a message saying what differs.
 
 ``build`` makes the cache after a fit: from the train side the fit itself produced (``Fitted.train_side``, see
 ``Estimator.fills_train_side``) or by one more pass over the train data.
@@ -56,7 +56,7 @@ class Cache:
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}={format_bytes(v)}" for k, v in self.bytes.items())
         train = "cached" if self.train_side is not None else f"streamed ({self.fallback})"
-        key = self.fingerprint.get("model", {}).get("params_sha256", "")[:12]
+        key = self.fingerprint.get("model", {}).get("state_sha256", "")[:12]
         return f"Cache(device={self.device}, dtype={self.dtype}, {parts}, train side {train}, model {key})"
 
 

@@ -145,12 +145,14 @@ class DataPasses:
 
     def capture(self, indices: list[int], labels: Labels, draw: int = 0) -> CapturedBatch:
         batch = self.collate(indices)
+        self.check_finite_inputs(batch, indices)
         with eval_mode(self.model), torch.enable_grad(), Capture(self.layers, self.task.token_mask(batch)) as cap:
             loss = self.objective(labels, batch, indices, draw)
             self.check_finite(loss, indices)
             s = cap.output_grads(loss)
             a = cap.activations()
             counts = cap.token_counts()
+        self.check_finite_captures(a, s, indices)
         return CapturedBatch(indices, batch, a, s, counts, loss.detach())
 
     def ggn_captures(self, indices: list[int]) -> Iterator[CapturedBatch]:
@@ -159,6 +161,7 @@ class DataPasses:
         ``grads(name)`` is J_pᵀ R_p[:, c] of every example and G = (1/n) Σ over all rows of row rowᵀ. One backward
         per (position, class): only for small models and few classes (the caller checks)."""
         batch = self.collate(indices)
+        self.check_finite_inputs(batch, indices)
         with eval_mode(self.model), torch.enable_grad(), Capture(self.layers, self.task.token_mask(batch)) as cap:
             outputs, root = self.task.output_hessian_root(self.model, batch)  # [B, P, C], [B, P, C, C]
             self.check_ggn_classes(root.shape[-1])
@@ -231,3 +234,28 @@ class DataPasses:
                 f"the loss of {self.what} example {first} is {float(loss.detach()[bad][0])}: influence needs "
                 "finite losses. Check that example (empty labels, extreme inputs) or the model's weights for NaN"
             )
+
+    def check_finite_inputs(self, batch: dict[str, Any], indices: list[int]) -> None:
+        """Refuse a batch whose float inputs hold inf or NaN, naming the example (its scores would be NaN)."""
+        for key, value in batch.items():
+            if torch.is_tensor(value) and value.is_floating_point() and value.ndim >= 1 and len(value) == len(indices):
+                bad = ~torch.isfinite(value).reshape(len(indices), -1).all(dim=1)
+                if bool(bad.any()):
+                    first = indices[int(bad.nonzero()[0])]
+                    raise InfkitError(
+                        f"{self.what} example {first} has non-finite values (inf or NaN) in its input {key!r}: "
+                        "influence through it would be NaN. Clean or drop that example"
+                    )
+
+    def check_finite_captures(self, a: dict[str, torch.Tensor], s: dict[str, torch.Tensor], indices: list[int]) -> None:
+        """Refuse inf/NaN layer inputs or output gradients (a finite loss can still overflow in its backward)."""
+        for kind, tensors in (("inputs", a), ("output gradients", s)):
+            for name, t in tensors.items():
+                bad = ~torch.isfinite(t).reshape(len(indices), -1).all(dim=1)
+                if bool(bad.any()):
+                    first = indices[int(bad.nonzero()[0])]
+                    raise InfkitError(
+                        f"layer {name!r} has non-finite {kind} (inf or NaN) for {self.what} example {first}: its "
+                        "gradient would poison every score. Check that example's inputs and the model's weights; "
+                        "in half precision, an overflow: try float32"
+                    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from infkit.errors import InfkitError
 from infkit.estimators.base import Estimator, Grads
 from infkit.passes import CapturedBatch, DataPasses
 from infkit.tasks.base import Labels
@@ -125,3 +126,20 @@ def per_token(preconditioned: Grads, cb: CapturedBatch, mask: torch.Tensor | Non
         else:
             unassigned += float(contributions.sum())
     return per_layer, unassigned
+
+
+def check_finite_scores(total: torch.Tensor, per_layer: dict[str, torch.Tensor], columns: list[int] | None) -> None:
+    """Refuse non-finite scores, naming the first (query, train example) and the layers that produced it. (Inputs,
+    losses and captured tensors are checked as the passes run, so this is the last guard: an overflow in the
+    preconditioning, a singular curvature that slipped through.)"""
+    bad = ~torch.isfinite(total)
+    if not bool(bad.any()):
+        return
+    q, column = (int(v) for v in bad.nonzero()[0])
+    i = columns[column] if columns is not None else column
+    layers = [name for name, s in per_layer.items() if not bool(torch.isfinite(s[q, column]))]
+    raise InfkitError(
+        f"{int(bad.sum())} of the {total.numel()} scores are not finite (e.g. query {q} against train example {i}: "
+        f"{float(total[q, column])}, from layer(s) {layers[:5]}). The damped curvature of those layers is probably "
+        "near-singular for this precision: give a larger damping= for them (or damping=None for the heuristic)"
+    )

@@ -55,12 +55,26 @@ def test_empty_query_data():
         an.scores([])
 
 
-def test_nan_loss_names_the_example():
+class NanLoss(tasks.Classification):
+    """Finite inputs, a loss that is NaN for the examples whose first input is -1."""
+
+    def train_loss(self, model, batch, sample=None):
+        loss = super().train_loss(model, batch, sample)
+        return torch.where(batch["x"][:, 0] == -1, torch.nan, loss)
+
+
+def test_nan_input_or_loss_names_the_example():
     model, train, _ = digits_mlp()
     broken = list(train)
     broken[37] = (torch.full_like(train[37][0], float("nan")), train[37][1])
     an = mlp_analysis(train=broken, estimator="kfac", batch_size=16)
-    with pytest.raises(InfkitError, match="train example 37 is nan"):
+    with pytest.raises(InfkitError, match="train example 37 has non-finite values .* in its input 'x'"):
+        an.fit()
+
+    flagged = list(train)
+    flagged[21] = (train[21][0].clone().index_fill_(0, torch.tensor([0]), -1.0), train[21][1])
+    an = Analysis(model, NanLoss(), flagged, estimator="kfac", batch_size=16, progress=False)
+    with pytest.raises(InfkitError, match="the loss of train example 21 is nan"):
         an.fit()
 
 
@@ -90,12 +104,106 @@ def test_exact_ggn_refuses_a_large_vocabulary(monkeypatch):
         an.fit()
 
 
-def test_unknown_fisher_and_bad_damping():
+def test_unknown_fisher():
     with pytest.raises(InfkitError, match="fisher='true'"):
         mlp_analysis(fisher="true")
-    an = mlp_analysis(estimator="kfac", damping=-1.0)
-    with pytest.raises(InfkitError, match="damping .* must be a number >= 0"):
+
+
+@pytest.mark.parametrize("damping, message", [
+    (-1.0, "damping=-1.0: damping must be a finite number >= 0"),
+    (float("nan"), "damping=nan: damping must be a finite number >= 0"),
+    (float("inf"), "damping=inf: damping must be a finite number >= 0"),
+    ("0.1", "damping='0.1' is not a number"),
+    (True, "damping=True is not a number"),
+    ({"2": -0.5}, r"damping\['2'\]=-0.5: damping must be a finite number >= 0"),
+    ({"decoder": 0.1}, r"damping names layers that are not tracked: \['decoder'\]; the tracked layers are: 0, 2"),
+])
+def test_bad_damping_is_refused_at_construction_not_minutes_into_fit(damping, message):
+    with pytest.raises(InfkitError, match=message):
+        mlp_analysis(estimator="kfac", damping=damping)
+
+
+def test_a_misspelled_estimator_option_lists_the_valid_ones():
+    with pytest.raises(InfkitError, match="'exact' estimator has no option 'block_diagnoal'; its options are: "
+                                          "block_diagonal, max_params"):
+        mlp_analysis(estimator="exact", block_diagnoal=True)
+    with pytest.raises(InfkitError, match="'ekfac' estimator has no option 'depth'; its options are: max_factor_dim"):
+        mlp_analysis(depth=3)
+
+
+def test_numpy_scalars_are_accepted_everywhere_and_saved(tmp_path):
+    import numpy as np
+
+    an = mlp_analysis(estimator="lissa", damping=np.float64(0.01), batch_size=np.int64(16), seed=np.int32(3),
+                      depth=np.int64(20), memory_budget=np.int64(1 << 30))
+    expected = mlp_analysis(estimator="lissa", damping=0.01, batch_size=16, seed=3, depth=20).fit()
+    an.fit()
+    _, _, query = digits_mlp()
+    assert torch.equal(an.scores(query, query_rank=np.int64(4)).scores, expected.scores(query, query_rank=4).scores)
+    an.save(tmp_path / "saved")  # JSON would refuse a numpy scalar
+    model, train, _ = digits_mlp()
+    loaded = Analysis.load(tmp_path / "saved", model, tasks.Classification(), train, progress=False)
+    assert loaded.estimator.damping == 0.01 and loaded.batch_size == 16 and loaded.seed == 3
+    with pytest.raises(InfkitError, match="batch_size must be a whole number, got 2.5"):
+        mlp_analysis(batch_size=2.5)
+    with pytest.raises(InfkitError, match="batch_size must be >= 1, got 0"):
+        mlp_analysis(batch_size=np.int64(0))
+
+
+def test_inference_mode_and_no_grad_around_the_calls_still_give_the_scores():
+    _, _, query = digits_mlp()
+    expected = mlp_analysis(damping=1e-2).fit().scores(query).scores
+    with torch.inference_mode():
+        inside = mlp_analysis(damping=1e-2).fit().scores(query).scores
+        assert torch.is_inference_mode_enabled()  # the user's mode is back after each call
+    with torch.no_grad():
+        assert torch.equal(mlp_analysis(damping=1e-2).fit().scores(query).scores, expected)
+    assert torch.equal(inside, expected)
+
+
+@pytest.mark.parametrize("estimator", ["ekfac", "kfac"])
+def test_damping_zero_on_a_singular_curvature_is_refused_not_nan(estimator):
+    """The digits have pixels that are 0 in every image: A is singular, and with λ = 0 every score was NaN."""
+    an = mlp_analysis(estimator=estimator, damping=0.0)
+    with pytest.raises(InfkitError, match=r"layer '0': with damping λ = 0, \d+ of its 780 curvature eigenvalues .* "
+                                          r"are 0 .*Give a damping > 0"):
         an.fit()
+    mlp_analysis(estimator=estimator, damping={"0": 1e-3}).fit()  # damped there (the head: the heuristic), it fits
+
+
+def test_a_query_with_an_infinite_input_names_the_example():
+    _, _, query = digits_mlp()
+    x, y = query[2]
+    x = x.clone()
+    x[5] = float("inf")
+    an = mlp_analysis(damping=1e-2).fit()
+    with pytest.raises(InfkitError, match="query example 2 has non-finite values .* in its input 'x'"):
+        an.scores(query[:2] + [(x, y)])
+
+
+class ZeroNonFinite(nn.Module):
+    def forward(self, x):
+        return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def test_non_finite_layer_inputs_with_a_finite_loss_name_the_layer_and_example():
+    """An overflow inside the model that its output hides: the loss is finite, the last layer's input is not."""
+    _, train, _ = digits_mlp()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10), ZeroNonFinite()).double()
+    with torch.no_grad():
+        model[0].weight.abs_().mul_(1e300)  # finite weights whose products with a large input overflow
+    data = train[:3] + [(torch.full((64,), 1e10, dtype=torch.float64), 1)]
+    with pytest.raises(InfkitError, match="layer '2' has non-finite inputs .* for train example 3"):
+        Analysis(model, tasks.Classification(), data, damping=1e-2, progress=False).fit()
+
+
+def test_non_finite_scores_are_refused_with_the_query_and_train_example():
+    an = mlp_analysis(estimator="identity").fit()
+    an.cache.train_side["2"][7].fill_(float("inf"))
+    _, _, query = digits_mlp()
+    with pytest.raises(InfkitError, match=r"scores are not finite \(e.g. query 0 against train example 7.*'2'"):
+        an.scores(query)
 
 
 def test_empty_completion():
@@ -139,7 +247,7 @@ def test_every_modules_own_train_eval_mode_is_restored_also_after_an_error():
     an.fit().scores(data[:2])
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert torch.equal(model[1].running_mean, stats[0]) and torch.equal(model[1].running_var, stats[1])
-    broken = data + [(torch.full((4,), float("nan"), dtype=torch.float64), 0)]
+    broken = data + [(torch.full((4,), -1.0, dtype=torch.float64), 0)]
     with pytest.raises(InfkitError, match="loss of train example 12 is nan"):
-        Analysis(model, tasks.Classification(), broken, damping=1e-2, batch_size=4, progress=False).fit()
+        Analysis(model, NanLoss(), broken, damping=1e-2, batch_size=4, progress=False).fit()
     assert {name: m.training for name, m in model.named_modules()} == modes

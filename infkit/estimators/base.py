@@ -14,6 +14,9 @@ heuristic).
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from dataclasses import dataclass, field
 from enum import Flag, auto
 from typing import Any
@@ -45,7 +48,55 @@ def register(name: str):
 def make_estimator(name: str, layers: dict[str, Layer], damping: Damping, options: dict[str, Any]) -> Estimator:
     if name not in REGISTRY:
         raise InfkitError(f"unknown estimator {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](layers, damping, **options)
+    cls = REGISTRY[name]
+    valid = estimator_options(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listed = ", ".join(valid) if valid else "none"
+        raise InfkitError(f"the {name!r} estimator has no option {', '.join(map(repr, unknown))}; its options are: "
+                          f"{listed} (the Analysis' own arguments are listed in help(infkit.Analysis))")
+    return cls(layers, check_damping(damping, layers), **{k: plain_number(v) for k, v in options.items()})
+
+
+def estimator_options(cls: type[Estimator]) -> list[str]:
+    """The keyword options an estimator's constructor takes besides ``layers`` and ``damping``."""
+    parameters = inspect.signature(cls.__init__).parameters
+    return [p for p in parameters if p not in ("self", "layers", "damping") and parameters[p].kind is not
+            inspect.Parameter.VAR_KEYWORD]
+
+
+def plain_number(value: Any) -> Any:
+    """A numpy or 0-d torch scalar as the Python number it holds (so it behaves, and saves to JSON, as one)."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, numbers.Number) or (torch.is_tensor(value) and value.ndim == 0):
+        return value.item()
+    return value
+
+
+def check_damping(damping: Any, layers: dict[str, Layer]) -> Damping:
+    """``damping`` as None, a float or {layer: float}, refused at construction when it is not one (a negative,
+    NaN or infinite number, a string, a flag, a dict naming layers that are not tracked)."""
+    if damping is None:
+        return None
+    if isinstance(damping, dict):
+        unknown = [name for name in damping if name not in layers]
+        if unknown:
+            tracked = ", ".join(list(layers)[:6]) + (", ..." if len(layers) > 6 else "")
+            raise InfkitError(f"damping names layers that are not tracked: {unknown[:5]}; the tracked layers are: "
+                              f"{tracked} (an.layers lists them all)")
+        return {name: _damping_value(value, f"damping[{name!r}]") for name, value in damping.items()}
+    return _damping_value(damping, "damping")
+
+
+def _damping_value(value: Any, what: str) -> float:
+    value = plain_number(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InfkitError(f"{what}={value!r} is not a number: give a float λ >= 0 (the same for every layer), a dict "
+                          "{layer name: λ}, or None for the estimator's heuristic")
+    if not math.isfinite(value) or value < 0:
+        raise InfkitError(f"{what}={value!r}: damping must be a finite number >= 0 (or None for the heuristic)")
+    return float(value)
 
 
 class Side(Flag):

@@ -97,7 +97,25 @@ class KroneckerEigenbasis(Estimator):
 
     def set_damping(self) -> None:
         for name, eigenvalues in self.eigenvalues.items():
-            self.resolve_damping(name, DAMPING_FRACTION * float(eigenvalues.mean()))
+            lam = self.resolve_damping(name, DAMPING_FRACTION * float(eigenvalues.mean()))
+            self.check_invertible(name, eigenvalues, lam)
+
+    def check_invertible(self, name: str, eigenvalues: torch.Tensor, lam: float) -> None:
+        """Refuse a damping that leaves Λ + λ with zeros (a singular block: (G + λI)⁻¹ would be inf, scores NaN).
+
+        Λ has exact zeros (up to rounding) where the curvature is singular: an input that is always 0 (a blank
+        pixel, a dead unit), output gradients confined to a subspace (those of a softmax's logits sum to 0).
+        "Zero" is relative: below 1e-12 of the largest."""
+        tiny = 1e-12 * max(float(eigenvalues.max()), 0.0)
+        singular = int((eigenvalues + lam <= tiny).sum())
+        if singular:
+            raise InfkitError(
+                f"layer {name!r}: with damping λ = {lam:g}, {singular} of its {eigenvalues.numel()} curvature "
+                "eigenvalues Λ + λ are 0 (the curvature is singular: some inputs are always 0, or the output "
+                "gradients span fewer directions than the outputs — a softmax's sum to 0), so (G + λI)⁻¹ does not "
+                "exist and every score would be NaN. Give a damping > 0 for it (damping=None uses the heuristic, "
+                "a tenth of its mean eigenvalue)"
+            )
 
     def precondition(self, grads: Grads) -> Grads:
         out = {}
