@@ -210,3 +210,9 @@ class Estimator:
     def load_state(self, state: dict[str, torch.Tensor], damping_used: dict[str, float]) -> None:
         """Restore a fitted estimator from ``state()`` and the damping it used (``Analysis.load``)."""
         raise InfkitError(f"the {self.name!r} estimator cannot be restored from a save; fit it again")
+
+    def state_shapes(self, rows: int) -> dict[str, tuple[int, ...]] | None:
+        """The shape of every tensor ``state()`` holds once fitted, ``rows`` being the rows of per-example state
+        (n_train, times ``fisher_samples`` with the sampled Fisher): a save is checked against it on load. None
+        (the default) when the estimator does not say; its tensors are then only checked to be finite."""
+        return None

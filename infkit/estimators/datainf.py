@@ -142,3 +142,10 @@ class DataInf(Estimator):
         self.n_examples = next(iter(self.gradients.values())).shape[0]
         self.damping_used = dict(damping_used)
         self.check_damping()
+
+    def state_shapes(self, rows):
+        shapes = {}
+        for name, layer in self.layers.items():
+            shapes[f"{name}/gradients"] = (rows, layer.n_params)
+            shapes[f"{name}/squared_norms"] = (rows,)
+        return shapes

@@ -166,6 +166,14 @@ class KroneckerEigenbasis(Estimator):
             self.eigenvalues[name] = state[f"{name}/eigenvalues"]
         self.damping_used = dict(damping_used)
 
+    def state_shapes(self, rows):
+        shapes = {}
+        for name, layer in self.layers.items():
+            shapes[f"{name}/eigvecs_a"] = (layer.d_in, layer.d_in)
+            shapes[f"{name}/eigvecs_s"] = (layer.d_out, layer.d_out)
+            shapes[f"{name}/eigenvalues"] = (layer.d_out, layer.d_in)
+        return shapes
+
 
 @register("ekfac")
 class EKFAC(KroneckerEigenbasis):

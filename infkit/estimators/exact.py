@@ -230,3 +230,14 @@ class Exact(Estimator):
         self.forms = ["dense" if b in self.dense else "lowrank" for b in range(len(self.blocks))]
         self.damping_used = dict(damping_used)
         self._factorize()
+
+    def state_shapes(self, rows):
+        if not self.forms:  # chosen by check_fits, at the analysis' construction
+            return None
+        shapes = {}
+        for b, (form, size) in enumerate(zip(self.forms, self.block_sizes)):
+            if form == "dense":
+                shapes[f"dense.{b}"] = (size, size)
+            else:
+                shapes[f"rows.{b}"] = (rows, size)
+        return shapes

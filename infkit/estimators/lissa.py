@@ -216,3 +216,7 @@ class LiSSA(Estimator):
         self.scales = {name: float(s) for name, s in zip(self.layers, state["scales"])}
         self.seed = int(state["seed"])
         self.damping_used = dict(damping_used)
+
+    def state_shapes(self, rows):
+        shapes = {f"{name}/gradients": (rows, layer.n_params) for name, layer in self.layers.items()}
+        return {**shapes, "scales": (len(self.layers),), "seed": ()}
