@@ -347,9 +347,35 @@ class Analysis:
         return self._last_result
 
     def _check_train_indices(self, train_indices) -> list[int] | None:
+        """The train columns to score: a sequence of indices, or a boolean mask with one entry per train example
+        (list, numpy array or tensor of bools), read as the indices of its True entries."""
+        import numpy as np
+
         if train_indices is None:
             return None
-        columns = [int(i) for i in train_indices]
+        if torch.is_tensor(train_indices):
+            train_indices = train_indices.detach().cpu().numpy()
+        elif not hasattr(train_indices, "__len__") and hasattr(train_indices, "__iter__"):
+            train_indices = list(train_indices)  # a generator
+        values = np.asarray(train_indices)
+        if values.dtype != bool and isinstance(train_indices, (list, tuple)) and any(
+                isinstance(v, (bool, np.bool_)) for v in train_indices):
+            # numpy reads [True, 3] as [1, 3]; a mask mixed with indices is a mistake either way
+            raise InfkitError("train_indices mixes bools and integers; give either indices or a boolean mask")
+        if values.ndim != 1:
+            raise InfkitError(f"train_indices must be a 1-D sequence of train indices or a boolean mask, got shape "
+                              f"{list(values.shape)}")
+        if values.dtype == bool:
+            if len(values) != self.n_train:
+                raise InfkitError(f"train_indices is a boolean mask of {len(values)} entries, but there are "
+                                  f"{self.n_train} train examples; give one bool per train example, or indices")
+            if not values.any():
+                raise InfkitError("the boolean mask train_indices selects no train example (all False)")
+            values = values.nonzero()[0]
+        elif values.size and values.dtype.kind not in "iu":  # [] is float64 to numpy: the empty case is below
+            raise InfkitError(f"train_indices must be integer indices or a boolean mask, got {values.dtype} values "
+                              f"(e.g. {values[0]!r})")
+        columns = [int(i) for i in values]
         if not columns:
             raise InfkitError("train_indices is empty: give at least one train example to score")
         bad = [i for i in columns if not 0 <= i < self.n_train]

@@ -54,6 +54,19 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def check_queries_fit(queries, tokenizer, context: int) -> None:
+    """Refuse a --query longer than the demo model's context, naming it, before any analysis runs."""
+    for q in queries:
+        prompt, completion = (len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                              for text in (q.prompt, q.completion))
+        if prompt + completion > context:
+            shown = q.prompt if len(q.prompt) <= 40 else q.prompt[:40] + "…"
+            fix = (f"shorten the prompt to at most {context - completion} tokens (the completion has {completion})"
+                   if completion < context else f"shorten the completion ({completion} tokens) and the prompt")
+            raise InfkitError(f"--query {shown!r} {q.completion!r} is {prompt + completion} tokens, longer than the "
+                              f"demo model's context of {context} tokens: {fix}")
+
+
 def report(args: argparse.Namespace) -> Path:
     from infkit.views.report import check_writable
 
@@ -101,6 +114,12 @@ def report(args: argparse.Namespace) -> Path:
     for message in models.messages:
         if "cannot" not in message:  # the warnings already said those
             bar.write(message, file=sys.stderr)
+    if queries:
+        try:
+            check_queries_fit(queries, models.tokenizer, models.base.config.n_positions)
+        except InfkitError:
+            bar.close()  # the error goes on its own line
+            raise
     analysis = None
     if args.analysis:
         from infkit import Analysis

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from infkit.errors import InfkitError
+
 
 @dataclass(frozen=True)
 class Ranked:
@@ -28,11 +30,14 @@ class Ranked:
 
 @dataclass(frozen=True)
 class Top:
-    """The k strongest proponents (highest scores) and opponents (lowest scores) of one query."""
+    """The k strongest proponents (positive scores, highest first) and opponents (negative scores, lowest first)
+    of one query: fewer than k of a side when fewer scores have that sign. ``n_nonfinite`` counts the query's NaN
+    and infinite scores, which are never listed (they mean a broken computation, not a strong influence)."""
 
     query: int
     proponents: Ranked
     opponents: Ranked
+    n_nonfinite: int = 0
 
 
 @dataclass
@@ -86,16 +91,24 @@ class InfluenceResult:
         return self.scores.shape[1]
 
     def top(self, q: int, k: int = 10) -> Top:
-        row = self.scores[q]
-        k = min(k, row.numel())
+        """Query q's k strongest proponents (scores > 0, highest first) and opponents (scores < 0, lowest first),
+        as train indices. A side has fewer than k entries when fewer scores have its sign (a score of 0 is neither);
+        NaN and infinite scores are left out of both and counted in ``Top.n_nonfinite``. Ties keep column order."""
+        if not -self.n_query <= q < self.n_query:
+            raise InfkitError(f"query index {q} is out of range for {self.n_query} queries")
+        if int(k) != k or k < 0:
+            raise InfkitError(f"k must be a whole number >= 0, got {k!r}")
+        row = self.scores[q].detach().double().cpu()
+        finite = torch.isfinite(row)
         columns = self.train_indices or list(range(row.numel()))
-        hi = torch.topk(row, k)
-        lo = torch.topk(-row, k)
-        return Top(
-            q,
-            Ranked([columns[int(i)] for i in hi.indices], [float(v) for v in hi.values]),
-            Ranked([columns[int(i)] for i in lo.indices], [float(-v) for v in lo.values]),
-        )
+
+        def side(sign: int) -> Ranked:
+            candidates = (finite & (sign * row > 0)).nonzero().flatten()
+            order = torch.sort(sign * row[candidates], descending=True, stable=True).indices[: int(k)]
+            chosen = candidates[order].tolist()
+            return Ranked([columns[c] for c in chosen], [float(row[c]) for c in chosen])
+
+        return Top(q, side(1), side(-1), int((~finite).sum()))
 
     def layer_shares(self, q: int, i: int) -> dict[str, float]:
         """Each layer's part of score(q, i) (sums to the score)."""

@@ -27,8 +27,23 @@ from typing import Any
 
 import torch
 
+from infkit.errors import InfkitError
+
 #: Label value of positions that are not scored (as in transformers and torch's cross-entropy).
 IGNORE_INDEX = -100
+
+
+class ExampleError(InfkitError):
+    """Bad input in one example of a batch. A task sees only the batch it is given, so the message names the
+    example by its ``position`` in that batch (and, for text, by its start); ``problem`` is the rest of the
+    message, for a caller that knows the example's index in the data to say it with that index instead."""
+
+    def __init__(self, position: int, problem: str):
+        self.position, self.problem = position, problem
+        super().__init__(f"example {position} of the batch {problem}")
+
+    def __reduce__(self):  # picklable (e.g. out of a worker process) although __init__ takes two arguments
+        return type(self), (self.position, self.problem)
 
 
 class Labels(Enum):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from infkit.errors import InfkitError
-from infkit.tasks.base import IGNORE_INDEX, Task
+from infkit.tasks.base import IGNORE_INDEX, ExampleError, Task
 
 
 def _sample_labels(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -81,6 +81,9 @@ class Classification(Task):
             if "labels" not in first:
                 raise InfkitError("Classification examples given as dicts need a 'labels' entry")
             ids = [torch.as_tensor(ex.get("input_ids", 0)) for ex in examples]
+            if "input_ids" in first:
+                for b, t in enumerate(ids):
+                    _check_id_dtype(t, b)
             if all(t.dim() == 1 for t in ids) and len({t.shape[0] for t in ids}) > 1:
                 return self._pad_tokens(examples)
             keys = list(first.keys())
@@ -88,7 +91,12 @@ class Classification(Task):
             batch["labels"] = batch["labels"].long().reshape(-1)
             return batch
         if isinstance(first, (tuple, list)) and len(first) == 2:
-            xs = torch.stack([torch.as_tensor(ex[0]) for ex in examples])
+            inputs = [torch.as_tensor(ex[0]) for ex in examples]
+            for b, x in enumerate(inputs):
+                if x.shape != inputs[0].shape:
+                    raise ExampleError(b, f"has an input of shape {list(x.shape)}, but example 0 has one of shape "
+                                          f"{list(inputs[0].shape)}; give every example the model's input shape")
+            xs = torch.stack(inputs)
             ys = torch.as_tensor([int(ex[1]) for ex in examples], dtype=torch.long)
             return {"x": xs, "labels": ys}
         raise InfkitError(
@@ -98,12 +106,16 @@ class Classification(Task):
 
     def forward(self, model, batch):
         if "x" in batch:
-            return _logits_of(model(batch["x"]))
+            return _call_on_tensor(model, batch["x"])
+        if torch.is_tensor(batch.get("input_ids")) and batch["input_ids"].dim() == 2:
+            _check_token_ids(model, batch, self.tokenizer,
+                             "truncate it when tokenizing: tokenizer(text, truncation=True, max_length={limit})")
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return _logits_of(model(**inputs))
 
     def train_loss(self, model, batch, sample=None):
         logits = self.forward(model, batch)
+        _check_class_labels(batch["labels"], logits.shape[-1])
         labels = batch["labels"] if sample is None else _sample_labels(logits, sample)
         return F.cross_entropy(_at_least_float32(logits), labels, reduction="none")
 
@@ -137,7 +149,7 @@ class CausalLM(Task):
     pad_token_id: int | None = None
     max_length: int | None = None
 
-    def _encode(self, example) -> dict[str, torch.Tensor]:
+    def _encode(self, example, position: int) -> dict[str, torch.Tensor]:
         if isinstance(example, str):
             ids = self._tokenize(example)
             return {"input_ids": ids, "labels": ids.clone()}
@@ -153,7 +165,12 @@ class CausalLM(Task):
             labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), completion])
             return {"input_ids": ids, "labels": labels}
         if isinstance(example, Mapping) and "input_ids" in example:
-            ids = torch.as_tensor(example["input_ids"], dtype=torch.long).reshape(-1)
+            raw = torch.as_tensor(example["input_ids"])
+            _check_id_dtype(raw, position)
+            if raw.dim() > 2 or raw.dim() == 2 and raw.shape[0] != 1:
+                raise ExampleError(position, f"has input_ids of shape {list(raw.shape)}; an example is one sequence "
+                                             "(1-D, or [1, T]): give each sequence as its own example")
+            ids = raw.long().reshape(-1)
             out = {"input_ids": ids}
             if "attention_mask" in example and example["attention_mask"] is not None:
                 out["attention_mask"] = torch.as_tensor(example["attention_mask"], dtype=torch.long).reshape(-1)
@@ -165,6 +182,10 @@ class CausalLM(Task):
                 )
             labels = example.get("labels")
             out["labels"] = ids.clone() if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+            for key in ("attention_mask", "labels"):
+                if key in out and out[key].numel() != ids.numel():
+                    raise ExampleError(position, f"has {out[key].numel()} {key} for {ids.numel()} input_ids; give "
+                                                 "one per token")
             if "attention_mask" in out:
                 out["labels"] = out["labels"].masked_fill(out["attention_mask"] == 0, IGNORE_INDEX)
             return out
@@ -191,22 +212,42 @@ class CausalLM(Task):
     def collate(self, examples):
         if not examples:
             raise InfkitError("empty batch: the data has no examples")
-        encoded = [self._encode(ex) for ex in examples]
+        encoded = [self._encode(ex, b) for b, ex in enumerate(examples)]
         if self.max_length is not None:
             encoded = [self._truncate(e, ex) for e, ex in zip(encoded, examples)]
-        return {
+        batch = {
             "input_ids": _right_pad([e["input_ids"] for e in encoded], _pad_id(self.pad_token_id, self.tokenizer)),
             "attention_mask": _right_pad(
                 [e.get("attention_mask", torch.ones_like(e["input_ids"])).long() for e in encoded], 0),
             "labels": _right_pad([e["labels"] for e in encoded], IGNORE_INDEX),
         }
+        self._check_has_targets(batch)
+        return batch
+
+    def _check_has_targets(self, batch) -> None:
+        """Refuse an example with no labelled token after its first: the loss predicts token t from those before
+        it, so such an example has no loss and no gradient (a curvature fitted on only such examples is 0/0)."""
+        scored = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=1)
+        if bool(scored.all()):
+            return
+        b = int((~scored).nonzero()[0])
+        n_real = int(batch["attention_mask"][b].sum())
+        raise ExampleError(
+            b, f"{_describe(batch, b, self.tokenizer)} has no next-token loss: a causal LM predicts each token from "
+               "the ones before it, so an example needs at least 2 real tokens, with a label (not -100) on one after "
+               f"the first{'' if n_real < 2 else f'; its {n_real} tokens have none'}. Drop it, or give it more tokens "
+               "(a prompt/completion needs a non-empty prompt)"
+        )
 
     def forward(self, model, batch):
+        _check_token_ids(model, batch, self.tokenizer,
+                         "truncate it with tasks.CausalLM(max_length={limit}) (a prompt/completion keeps its end)")
         return _logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
 
     def _shifted(self, model, batch):
         logits = self.forward(model, batch)[:, :-1]
         targets = batch["labels"][:, 1:]
+        _check_token_labels(targets, logits.shape[-1])
         return logits, targets
 
     def train_loss(self, model, batch, sample=None):
@@ -241,6 +282,123 @@ class CausalLM(Task):
         valid = (targets != IGNORE_INDEX).to(logits.dtype)
         root = _softmax_hessian_root(logits) * valid[..., None, None]
         return logits, root
+
+
+def _check_id_dtype(ids: torch.Tensor, position: int) -> None:
+    if torch.is_floating_point(ids) or torch.is_complex(ids) or ids.dtype == torch.bool:
+        raise ExampleError(position, f"has input_ids of dtype {ids.dtype}; token ids are integers: give a list of "
+                                     "ints or an integer tensor (ids.long())")
+
+
+def _describe(batch, b: int, tokenizer) -> str:
+    """Example b of a token batch for an error message: its length, and its start as text with a tokenizer."""
+    mask = batch.get("attention_mask")
+    ids = batch["input_ids"][b] if mask is None else batch["input_ids"][b][mask[b].bool()]
+    start = ""
+    if tokenizer is not None:
+        try:
+            text = tokenizer.decode(ids[:8].tolist())
+            start = f": {text!r}{' …' if ids.numel() > 8 else ''}"
+        except Exception:  # noqa: BLE001 - only a description; e.g. an id the tokenizer does not know
+            start = ""
+    return f"({ids.numel()} token{'' if ids.numel() == 1 else 's'}{start})"
+
+
+def _context_length(model) -> int | None:
+    """The most positions a transformers model reads (config.n_positions / max_position_embeddings), or None."""
+    config = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _vocab_size(model) -> int | None:
+    """How many token ids the model's input embedding has (else config.vocab_size), or None when unknown."""
+    embeddings = None
+    if callable(getattr(model, "get_input_embeddings", None)):
+        try:
+            embeddings = model.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            embeddings = None
+    size = getattr(embeddings, "num_embeddings", None)
+    if size is None:
+        size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def _check_token_ids(model, batch, tokenizer, truncate: str) -> None:
+    """Refuse, before the model runs, a batch longer than the model's context or with token ids outside its
+    vocabulary (the model would fail with an IndexError, or a device-side assert on a GPU). One comparison per
+    batch; ``truncate`` says how to shorten an example, with ``{limit}`` for the context length."""
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    limit = _context_length(model)
+    if limit is not None and ids.shape[-1] > limit:
+        b = int(mask.sum(dim=1).argmax()) if mask is not None else 0
+        raise ExampleError(
+            b, f"{_describe(batch, b, tokenizer)} is longer than the model's context of {limit} positions "
+               f"({ids.shape[-1]} in the batch): {truncate.format(limit=limit)}, or give shorter examples"
+        )
+    vocab = _vocab_size(model)
+    if vocab is None:
+        return
+    bad = (ids < 0) | (ids >= vocab)
+    if not bool(bad.any()):
+        return
+    b, t = (int(v) for v in bad.nonzero()[0])
+    value = int(ids[b, t])
+    if mask is not None and not bool(mask[b, t]):
+        raise ExampleError(b, f"is padded with id {value}, outside the model's vocabulary of {vocab} token ids "
+                              f"(0..{vocab - 1}): give the task a pad_token_id below {vocab}")
+    raise ExampleError(
+        b, f"has token id {value} at position {t}, outside the model's vocabulary of {vocab} token ids "
+           f"(0..{vocab - 1}): check that the tokenizer matches the model (after adding tokens to a tokenizer, "
+           "call model.resize_token_embeddings(len(tokenizer)))"
+    )
+
+
+def _check_token_labels(targets: torch.Tensor, n_classes: int) -> None:
+    """Next-token labels [B, T-1] (position t+1 of the input) must be ids of the model's output vocabulary."""
+    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= n_classes))
+    if bool(bad.any()):
+        b, t = (int(v) for v in bad.nonzero()[0])
+        raise ExampleError(
+            b, f"has label {int(targets[b, t])} at position {t + 1}, outside the model's {n_classes} output token "
+               f"ids (0..{n_classes - 1}, or {IGNORE_INDEX} for an unscored position): check that the labels are "
+               "token ids of this model's tokenizer"
+        )
+
+
+def _check_class_labels(labels: torch.Tensor, n_classes: int) -> None:
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= n_classes))
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        raise ExampleError(
+            b, f"has label {int(labels[b])}, but the model has {n_classes} classes: labels are 0..{n_classes - 1} "
+               f"(or {IGNORE_INDEX} for an unscored example). Check the labels, or give the model one output per "
+               "class"
+        )
+
+
+def _call_on_tensor(model, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` for plain-tensor inputs; an input the model cannot take (wrong shape, size or dtype) is an
+    InfkitError that names the batch's shape and dtype, with torch's message. Running out of memory is not wrapped
+    (DataPasses retries in smaller batches)."""
+    try:
+        return _logits_of(model(x))
+    except (RuntimeError, IndexError) as err:
+        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+            raise
+        dtype = next((p.dtype for p in model.parameters()), None)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InfkitError(
+            f"the model cannot run on this batch: inputs x of shape {list(x.shape)} (one example: "
+            f"{list(x.shape[1:])}), dtype {x.dtype}, model dtype {dtype} ({type(err).__name__}: {first_line}). Give "
+            "each example as the model takes one input, without a batch dimension (e.g. an image [C, H, W], a "
+            f"feature vector of the model's input size), as {dtype} (x.to({dtype})), or integer token ids for an "
+            "embedding"
+        ) from err
 
 
 def _pad_id(pad_token_id: int | None, tokenizer: Any) -> int:
