@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from infkit.capture import Layer
+from infkit.errors import InfkitError
+from infkit.tasks.base import ExampleError
 
 #: A per-tensor digest's length in hex characters (64 bits: enough to name which tensors differ).
 TENSOR_DIGEST_CHARS = 16
@@ -71,7 +73,10 @@ def data_fingerprint(task, data, batch_size: int = 64) -> dict[str, Any]:
     h = hashlib.sha256()
     n = len(data)
     for start in range(0, n, batch_size):
-        batch = task.collate([data[i] for i in range(start, min(start + batch_size, n))])
+        try:
+            batch = task.collate([data[i] for i in range(start, min(start + batch_size, n))])
+        except ExampleError as err:  # the task knows the batch position; say the example's index in the data
+            raise InfkitError(f"train example {start + err.position} {err.problem}") from err
         for key in sorted(batch):
             if torch.is_tensor(batch[key]):
                 h.update(key.encode())

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from infkit.capture import Capture, Layer, per_example_grads
 from infkit.errors import InfkitError
-from infkit.tasks.base import Labels, Task
+from infkit.tasks.base import ExampleError, Labels, Task
 
 #: the sampled-Fisher GGN takes one backward pass per position and output class; above this many classes (a real
 #: LM's vocabulary) it refuses rather than run for hours.
@@ -109,8 +109,18 @@ class DataPasses:
             raise InfkitError(f"the {what} data is empty: influence needs at least one example")
         self.device = model_device(model)
 
+    @contextmanager
+    def naming_examples(self, indices: Sequence[int]):
+        """A task's error about one example of a batch (it knows only the batch position) re-raised with the
+        example's index in the data."""
+        try:
+            yield
+        except ExampleError as err:
+            raise InfkitError(f"{self.what} example {indices[err.position]} {err.problem}") from err
+
     def collate(self, indices: Sequence[int]) -> dict[str, Any]:
-        batch = self.task.collate([self.data[i] for i in indices])
+        with self.naming_examples(indices):
+            batch = self.task.collate([self.data[i] for i in indices])
         return self.task.batch_to(batch, self.device)
 
     def batches(self, desc: str | None = None) -> Iterator[list[int]]:
@@ -146,7 +156,8 @@ class DataPasses:
     def capture(self, indices: list[int], labels: Labels, draw: int = 0) -> CapturedBatch:
         batch = self.collate(indices)
         self.check_finite_inputs(batch, indices)
-        with eval_mode(self.model), torch.enable_grad(), Capture(self.layers, self.task.token_mask(batch)) as cap:
+        with eval_mode(self.model), torch.enable_grad(), Capture(self.layers, self.task.token_mask(batch)) as cap, \
+                self.naming_examples(indices):
             loss = self.objective(labels, batch, indices, draw)
             self.check_finite(loss, indices)
             s = cap.output_grads(loss)
@@ -162,7 +173,8 @@ class DataPasses:
         per (position, class): only for small models and few classes (the caller checks)."""
         batch = self.collate(indices)
         self.check_finite_inputs(batch, indices)
-        with eval_mode(self.model), torch.enable_grad(), Capture(self.layers, self.task.token_mask(batch)) as cap:
+        with eval_mode(self.model), torch.enable_grad(), Capture(self.layers, self.task.token_mask(batch)) as cap, \
+                self.naming_examples(indices):
             outputs, root = self.task.output_hessian_root(self.model, batch)  # [B, P, C], [B, P, C, C]
             self.check_ggn_classes(root.shape[-1])
             a = cap.activations()

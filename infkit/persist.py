@@ -2,7 +2,8 @@
 against the fingerprints (:mod:`infkit.fingerprint`) that tie a fit to its model, train data and task.
 
 * The JSON holds the settings, the damping used per layer, the fingerprints (the whole model's state hashed, the
-  tracked layers' shapes, the task's settings, train data size and a content hash), the sha256 of the tensor file, and a sha256 of itself.
+  tracked layers' shapes, the task's settings, train data size and a content hash), the sha256 of the tensor
+  file, and a sha256 of itself.
 * A save writes a hidden folder beside the target and renames it into place, holding a lock file so that saves to
   one path run one after the other (:mod:`infkit.savefolder`). A save interrupted or killed at any point leaves the
   previous save loadable (renamed back by the next save or load if the kill fell between the two renames) and

@@ -89,10 +89,10 @@ TRAIN = structured_sequences(6, VOCAB, 10, seed=1)
 
 def test_sequence_longer_than_the_context_names_it_and_max_length():
     long = {"input_ids": torch.arange(40) % (VOCAB - 1) + 1}
-    with pytest.raises(InfkitError, match=rf"example 0 of the batch \(40 tokens\) is longer than the model's context "
+    with pytest.raises(InfkitError, match=rf"query example 0 \(40 tokens\) is longer than the model's context "
                                           rf"of {CONTEXT} positions.*CausalLM\(max_length={CONTEXT}\)"):
         lm_scores(TRAIN, [long])
-    with pytest.raises(InfkitError, match="example 2 of the batch .40 tokens. is longer"):
+    with pytest.raises(InfkitError, match="train example 2 .40 tokens. is longer"):
         lm_scores(TRAIN[:2] + [long], TRAIN[:1])
     # the suggested fix works
     assert lm_scores(TRAIN, [long], tasks.CausalLM(max_length=CONTEXT)).scores.isfinite().all()
@@ -100,20 +100,20 @@ def test_sequence_longer_than_the_context_names_it_and_max_length():
 
 @pytest.mark.parametrize("bad", [VOCAB, VOCAB + 6, -2])
 def test_token_id_outside_the_vocabulary(bad):
-    with pytest.raises(InfkitError, match=rf"example 0 of the batch has token id {bad} at position 1, outside the "
+    with pytest.raises(InfkitError, match=rf"query example 0 has token id {bad} at position 1, outside the "
                                           rf"model's vocabulary of {VOCAB} .*tokenizer matches the model"):
         lm_scores(TRAIN, [{"input_ids": torch.tensor([1, bad, 3])}])
 
 
 def test_pad_id_outside_the_vocabulary():
     ragged = [{"input_ids": torch.tensor([1, 2, 3])}, {"input_ids": torch.tensor([4, 5])}]
-    with pytest.raises(InfkitError, match=r"example 1 of the batch is padded with id 99.*pad_token_id below 24"):
+    with pytest.raises(InfkitError, match=r"query example 1 is padded with id 99.*pad_token_id below 24"):
         lm_scores(TRAIN, ragged, tasks.CausalLM(pad_token_id=99))
 
 
 def test_label_outside_the_vocabulary():
     query = {"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([-100, 2, 30])}
-    with pytest.raises(InfkitError, match="example 0 of the batch has label 30 at position 2, outside the model's 24"):
+    with pytest.raises(InfkitError, match="query example 0 has label 30 at position 2, outside the model's 24"):
         lm_scores(TRAIN, [query])
 
 
@@ -129,11 +129,11 @@ def test_float_or_batched_token_ids():
 def test_single_token_train_examples_are_refused_not_nan():
     # before: EK-FAC fitted a 0/0 curvature on them and every score was NaN, with no error
     singles = TRAIN[:3] + [{"input_ids": torch.tensor([5])}]
-    with pytest.raises(InfkitError, match=r"example 3 of the batch \(1 token\) has no next-token loss.*at least 2 "
+    with pytest.raises(InfkitError, match=r"train example 3 \(1 token\) has no next-token loss.*at least 2 "
                                           r"real tokens.*Drop it"):
         Analysis(tiny_gpt2(), tasks.CausalLM(), singles, estimator="ekfac", progress=False).fit()
     unlabelled = {"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([1, -100, -100])}
-    with pytest.raises(InfkitError, match="example 0 of the batch .3 tokens. has no next-token loss.*its 3 tokens"):
+    with pytest.raises(InfkitError, match="query example 0 .3 tokens. has no next-token loss.*its 3 tokens"):
         lm_scores(TRAIN, [unlabelled])
 
 
@@ -146,7 +146,7 @@ def clf_scores(model, train, queries):
 def test_classification_label_out_of_range_names_the_example(label):
     model, train, query = digits_mlp()
     broken = train[:6] + [(train[6][0], label)]
-    with pytest.raises(InfkitError, match=rf"example 6 of the batch has label {label}, but the model has 10 classes"):
+    with pytest.raises(InfkitError, match=rf"train example 6 has label {label}, but the model has 10 classes"):
         clf_scores(model, broken, query[:1])
 
 
@@ -163,7 +163,7 @@ def test_inputs_the_model_cannot_take():
         clf_scores(model, train[:6], [(x[:32], y)])
     with pytest.raises(InfkitError, match=r"dtype torch.float32, model dtype torch.float64.*x.to\(torch.float64\)"):
         clf_scores(model, train[:6], [(x.float(), y)])
-    with pytest.raises(InfkitError, match=r"example 1 of the batch has an input of shape \[32\]"):
+    with pytest.raises(InfkitError, match=r"query example 1 has an input of shape \[32\]"):
         clf_scores(model, train[:6], [(x, y), (x[:32], y)])
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 10)).double()
     images = [(torch.randn(1, 8, 8, dtype=torch.float64), i) for i in range(4)]
@@ -179,7 +179,7 @@ def test_classification_token_dicts_check_dtype_and_vocabulary():
                         pad_token_id=0)
     model = GPT2ForSequenceClassification(config).double().eval()
     train = [{"input_ids": torch.tensor([1, 2, 3]), "labels": 1}, {"input_ids": torch.tensor([4, 5, 6]), "labels": 2}]
-    with pytest.raises(InfkitError, match="example 0 of the batch has token id 40 at position 2"):
+    with pytest.raises(InfkitError, match="query example 0 has token id 40 at position 2"):
         clf_scores(model, train, [{"input_ids": torch.tensor([1, 2, 40]), "labels": 0}])
     with pytest.raises(InfkitError, match="input_ids of dtype torch.float32"):
         clf_scores(model, train, [{"input_ids": torch.tensor([1.0, 2.0, 3.0]), "labels": 0}])
