@@ -2,14 +2,20 @@
 
 Nothing here computes influence; the notebooks call infkit's public API for that. Everything is seeded, built
 locally (no download) and trained in float64: these models are trained inside the notebooks, and training amplifies
-the last-bit differences between CPUs (AVX2 vs AVX-512 kernels); in float64 they stay far below the printed digits.
+the last-bit differences between CPUs (AVX2 vs AVX-512 kernels); in float64 they mostly stay far below the printed
+digits. Where a run amplifies them into the printed digits anyway (05's masked-language pretraining), the notebook
+trains once and keeps the weights (:func:`kept_weights`, in ``notebooks/weights``).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +39,39 @@ def text_table(header: list[str], rows: list[list]) -> str:
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# -- trained once, kept beside the notebooks ------------------------------------------------------------------------
+KEPT = Path(__file__).with_name("weights")
+
+
+def digest(*values) -> str:
+    """A short sha256 of JSON-able values (texts, labels): what a kept model was trained on."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def kept_weights(name: str, recipe: dict, train: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The tensors ``train()`` returns, trained once and kept in ``notebooks/weights/<name>.safetensors``.
+
+    Some runs amplify a CPU's last bits chaotically (150 Adam steps of masked-language modelling move weights by
+    up to 3e-5 from one kernel set to another, even in float64), and a stored output must not depend on them: so such a
+    notebook loads the weights its recipe produced once, on the machine that stored its outputs. The file records
+    ``recipe`` (hyper-parameters and a :func:`digest` of the data); when the notebook's recipe differs, or the file
+    is missing, ``train()`` runs and the file is rewritten (then re-store the notebook's outputs)."""
+    from safetensors.torch import load_file, safe_open, save_file
+
+    path = KEPT / f"{name}.safetensors"
+    wanted = json.dumps(recipe, sort_keys=True)
+    if path.exists():
+        with safe_open(path, "pt") as f:
+            kept_recipe = (f.metadata() or {}).get("recipe")
+        if kept_recipe == wanted:
+            return load_file(path)
+        print(f"{path.name}: the recipe changed since it was kept; retraining")
+    tensors = {k: v.detach().clone().contiguous() for k, v in train().items()}
+    KEPT.mkdir(exist_ok=True)
+    save_file(tensors, path, metadata={"recipe": wanted})
+    return tensors
 
 
 # -- 04: a tiny GPT-2 with LoRA adapters ---------------------------------------------------------------------------
