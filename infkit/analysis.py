@@ -14,6 +14,7 @@ query gradients (the measurement) and hands them to a kernel of :mod:`infkit.sco
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 from infkit import cache as caches
 from infkit import persist, scoring
+from infkit import store as stores
 from infkit.cache import Cache
 from infkit.capture import (
     active_adapters,
@@ -38,7 +40,7 @@ from infkit.estimators.base import Damping, Grads, plain_number
 from infkit.fingerprint import Staleness, fingerprint
 from infkit.passes import DataPasses, data_length, model_device
 from infkit.plan import Plan, check_fits_device, default_memory_budget, make_plan, resolve_cache_dtype
-from infkit.result import InfluenceResult, TokenScores
+from infkit.result import InfluenceResult, Ranked, TokenScores, Top
 from infkit.tasks.base import Labels, Task
 
 FISHER_KINDS = ("sampled", "empirical")
@@ -87,13 +89,21 @@ class Analysis:
             forward and backward per pass; EK-FAC, K-FAC, DataInf and LiSSA).
         modules: glob pattern(s) of module names to track; default every Linear/Conv1D with a trainable weight.
         progress: show tqdm progress bars (and the plan at the start of ``fit()``).
-        cache: keep the train side (every train example's gradient, in the estimator's cheapest form) on the
-            model's device after ``fit()``, so each query costs one backward plus matrix products. When it would
-            exceed ``memory_budget`` the train data is streamed again in batches for every ``scores()`` call
-            instead (exact, but one pass over the train data per call).
-        cache_dtype: "float32" (default) or "bfloat16" for the cached train side (half the bytes, ~3 significant
+        store: where every train example's train side (its gradient, in the estimator's cheapest form) is kept
+            after ``fit()``, so each query costs one backward plus matrix products (:mod:`infkit.store`):
+            "auto" (default): the full gradients when they fit ``memory_budget``, else projected ones
+            (:mod:`infkit.projection`) at the largest ``projection`` that fits, else projected and memory-mapped
+            on disk; "full" (memory-mapped on disk above the budget); "projected"; "stream": keep nothing and pass
+            over the train data again on every ``scores()`` call (exact, slow). ``an.plan()`` says which and why.
+        projection: with a projected store, the dimensions kept per side of each layer (k: a d_out x d_in
+            gradient is stored as k_out x k_in = min(d_out, k) x min(d_in, k)); None chooses by the budget.
+        store_dir: a folder for the store on disk (memory-mapped ``.npy`` files, checksummed); given, the store
+            goes there even when it would fit in memory. Default, when the budget sends it to disk: a folder
+            under ``$INFKIT_CACHE_DIR`` (else ``~/.cache/infkit``)/stores.
+        cache: False is ``store="stream"`` (kept for older code).
+        cache_dtype: "float32" (default) or "bfloat16" for the stored train side (half the bytes, ~3 significant
             digits per entry).
-        memory_budget: bytes the train-side cache may take; default a quarter of the device's memory.
+        memory_budget: bytes the train-side store may take in memory; default a quarter of the device's memory.
         estimator_options: passed to the estimator (e.g. ``block_diagonal=True`` for "exact").
     """
 
@@ -113,6 +123,9 @@ class Analysis:
         cache: bool = True,
         cache_dtype: str | torch.dtype = "float32",
         memory_budget: int | None = None,
+        store: str = "auto",
+        projection: int | None = None,
+        store_dir: str | os.PathLike | None = None,
         **estimator_options: Any,
     ):
         if fisher is not None and fisher not in FISHER_KINDS:
@@ -120,6 +133,13 @@ class Analysis:
         batch_size, seed = whole_number(batch_size, "batch_size", minimum=1), whole_number(seed, "seed")
         if memory_budget is not None:
             memory_budget = whole_number(memory_budget, "memory_budget", minimum=0)
+        if store not in stores.STORES:
+            raise InfkitError(f"store={store!r} is not one of {stores.STORES}")
+        if projection is not None:
+            projection = whole_number(projection, "projection", minimum=1)
+            if store in ("full", "stream"):
+                raise InfkitError(f"projection={projection} projects the train-side store, but store={store!r}; "
+                                  "drop projection= or use store='projected' (or 'auto')")
         if not isinstance(task, Task):
             raise InfkitError(f"task must be an infkit Task (e.g. infkit.tasks.CausalLM()), got {type(task).__name__}")
         self.model, self.task, self.train_data = model, task, train_data
@@ -145,12 +165,15 @@ class Analysis:
         self.timings: dict[str, float] = {}
         self._last_result: InfluenceResult | None = None
         self.use_cache = cache
+        self.store_setting = "stream" if not cache else store
+        self.projection, self.store_dir = projection, store_dir
         self.cache_dtype = resolve_cache_dtype(cache_dtype)
         self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
         self.cache: Cache | None = None
         self._staleness: Staleness | None = None
         self.train_passes = self._passes(train_data, "train")
         self._positions: int | None = None
+        self._prepare_store()
         check_fits_device(self.plan(), self.layers, self.estimator)
         self._self_influence: torch.Tensor | None = None
 
@@ -195,9 +218,38 @@ class Analysis:
             self._positions = int(mask.shape[1]) if mask is not None else 1
         return self._positions
 
-    def plan(self) -> Plan:
-        """What ``fit()`` and each query will cost, before any heavy work: bytes and passes over the data."""
-        return make_plan(self)
+    def _prepare_store(self) -> None:
+        """Choose the train-side store (:func:`infkit.store.choose`) and, for a projected one, tell the estimator."""
+        self.store = stores.choose(
+            self.n_train, self.layers, self.cache_dtype, self.memory_budget, self.store_setting, self.projection,
+            self.store_dir, can_project=self.estimator.projection_kind is not None,
+            default_folder=self._default_store_folder)
+        if self.store.kind == "projected":
+            self.estimator.use_projection(self.store.shapes, self.seed)
+
+    def _default_store_folder(self, kind: str, rank: int | None) -> Path:
+        """$INFKIT_CACHE_DIR/stores/<estimator>-<kind>[k]-n<n>-<hash of the layers' shapes and the dtype>."""
+        from infkit.demo._weights import cache_root
+
+        shapes = ",".join(f"{name}:{layer.d_out}x{layer.d_in}" for name, layer in self.layers.items())
+        key = hashlib.sha256(f"{shapes}/{self.cache_dtype}/{self.seed}".encode()).hexdigest()[:12]
+        return cache_root() / "stores" / f"{self.estimator.name}-{kind}{rank or ''}-n{self.n_train}-{key}"
+
+    def plan(self, measure: bool = False) -> Plan:
+        """What ``fit()`` and each query will cost, before any heavy work: bytes, passes over the data, the
+        train-side store (full or projected, in memory or on disk) and why. ``measure=True`` also times one batch
+        (forward and backward with captures) and estimates the fit's time from it (``fit()`` does so when it shows
+        progress)."""
+        return make_plan(self, self._batch_seconds() if measure else None)
+
+    @autograd_allowed
+    def _batch_seconds(self) -> float:
+        """Seconds of one train batch's capture (the second of two: the first warms up)."""
+        indices = list(range(min(self.batch_size, self.n_train)))
+        self.train_passes.capture(indices, Labels.DATA)
+        start = time.perf_counter()
+        self.train_passes.capture(indices, Labels.DATA)
+        return time.perf_counter() - start
 
     @autograd_allowed
     def fit(self) -> Analysis:
@@ -210,16 +262,22 @@ class Analysis:
             print("infkit: refitting, since the last fit: " + "; ".join(changed))
             self._discard_fit()
         self._check_trained_adapter()
-        plan = self.plan()
+        plan = self.plan(measure=self.progress)
         if self.progress:
             print(plan.summary())
         fitted_on = fingerprint(self)  # before the passes: what this fit sees
         start = time.perf_counter()
         fills = plan.cache_train and self.estimator.fills_train_side(self.fisher)
-        fitted = self.estimator.fit(self.train_passes, keep=caches.allocate_train_side(self) if fills else None)
+        keep, disk = caches.allocate_train_side(self, self.store) if fills else (None, None)
+        try:
+            fitted = self.estimator.fit(self.train_passes, keep=keep)
+        except BaseException:
+            if disk is not None:
+                disk.abandon()
+            raise
         self.timings["fit"] = time.perf_counter() - start
         start = time.perf_counter()
-        self.cache = caches.build(self, plan, fitted, fitted_on)
+        self.cache = caches.build(self, self.store, fitted, fitted_on, disk)
         self.timings["cache"] = time.perf_counter() - start
         self.batch_size = self.train_passes.batch_size  # reduced if a batch ran out of memory
         self._staleness = Staleness(self, fitted_on)
@@ -233,6 +291,7 @@ class Analysis:
         self.cache, self._self_influence, self._last_result = None, None, None
         self.train_passes = self._passes(self.train_data, "train")
         self._positions = None
+        self._prepare_store()
         self.fitted = False
 
     def _check_trained_adapter(self) -> None:
@@ -259,7 +318,9 @@ class Analysis:
     def restore(self, factors, train_side, damping_used, fingerprint, self_influence=None) -> None:
         """Install a fitted state (used by ``load``)."""
         self.estimator.load_state(factors, damping_used)
-        self.cache = Cache(self.device, self.cache_dtype, dict(factors), train_side, fingerprint)
+        self.estimator.load_projection_state(factors)
+        self.cache = Cache(self.device, self.cache_dtype, dict(factors), train_side, fingerprint,
+                           projected=self.store.kind == "projected", folder=self.store.folder)
         self._staleness = Staleness(self, fingerprint)
         if train_side is None:
             self.cache.fallback = "the save holds no train-side cache: every scores() call streams the train data"
@@ -293,7 +354,7 @@ class Analysis:
     def preconditioned_queries(self, query_data: Any) -> Grads:
         """Ṽ = (G + λI)⁻¹ ∇f(z_q) per layer, [n_query, d_out, d_in]."""
         self._require_fit("scoring")
-        return self.estimator.precondition(self.query_gradients(query_data))
+        return self.estimator.query_preconditioned(self.query_gradients(query_data))
 
     # -- scores -------------------------------------------------------------------------------------------
     @autograd_allowed
@@ -320,13 +381,16 @@ class Analysis:
             query_rank = whole_number(query_rank, "query_rank", minimum=1)
         query_grads = self.query_gradients(query_data)
         if query_rank is not None:
-            factors = scoring.low_rank_queries(self.estimator.precondition(query_grads), query_rank)
+            factors = scoring.low_rank_queries(self.estimator.query_preconditioned(query_grads), query_rank)
             per_layer = scoring.streamed_low_rank(factors, passes)
         elif self.cache is not None and self.cache.train_side is not None:
             train_side = self.cache.train_side
             if columns is not None:
                 train_side = {n: t[torch.as_tensor(columns, device=t.device)] for n, t in train_side.items()}
-            per_layer = scoring.against_cache(self.estimator.query_side(query_grads), train_side)
+            query_side = (self.estimator.projected_query_side(query_grads) if self.cache.projected
+                          else self.estimator.query_side(query_grads))
+            on_disk = self.cache.folder is not None and columns is None  # selected rows are already copied out
+            per_layer = scoring.against_cache(query_side, train_side, on_disk, progress=self.progress and on_disk)
         else:
             per_layer = scoring.streamed(self.estimator, self.estimator.query_side(query_grads), passes)
         total = torch.stack(list(per_layer.values())).sum(dim=0)
@@ -345,6 +409,29 @@ class Analysis:
             _query_grads=query_grads,
         )
         return self._last_result
+
+    @autograd_allowed
+    def top(self, query_data: Any, k: int = 10) -> list[Top]:
+        """The k strongest proponents and opponents of each query, as ``scores(query_data).top(q, k)`` gives them,
+        without keeping the [n_query, n_train] scores: against a stored train side (full, projected or on disk)
+        the best k are kept on the fly, chunk by chunk, so n_train can be in the millions. Without a store (the
+        streamed path) it computes the scores and ranks them."""
+        self._require_fit("top()")
+        k = whole_number(k, "k", minimum=1)
+        if self.cache is None or self.cache.train_side is None:
+            result = self.scores(query_data)
+            return [result.top(q, k) for q in range(result.n_query)]
+        query_grads = self.query_gradients(query_data)
+        query_side = (self.estimator.projected_query_side(query_grads) if self.cache.projected
+                      else self.estimator.query_side(query_grads))
+        high, high_at, low, low_at = scoring.top_against_store(query_side, self.cache.train_side, k,
+                                                               progress=self.progress and self.cache.folder is not None)
+        tops = []
+        for q in range(high.shape[0]):
+            positive, negative = high[q] > 0, low[q] < 0
+            tops.append(Top(q, Ranked(high_at[q][positive].tolist(), high[q][positive].tolist()),
+                            Ranked(low_at[q][negative].tolist(), low[q][negative].tolist())))
+        return tops
 
     def _check_train_indices(self, train_indices) -> list[int] | None:
         """The train columns to score: a sequence of indices, or a boolean mask with one entry per train example
@@ -390,7 +477,9 @@ class Analysis:
         if self._self_influence is None:
             store = self.cache.train_side if self.cache is not None else None
             # a float32 cache of raw train gradients answers without a pass (bfloat16 is too coarse for it)
-            if store is not None and self.estimator.raw_train_side and self.cache_dtype == torch.float32:
+            if store is not None and self.cache.projected:
+                self._self_influence = scoring.self_influence_projected(self.estimator, store)
+            elif store is not None and self.estimator.raw_train_side and self.cache_dtype == torch.float32:
                 self._self_influence = scoring.self_influence_from_cache(self.estimator, store)
             else:
                 self._self_influence = scoring.self_influence_streamed(self.estimator, self.train_passes)
@@ -407,7 +496,7 @@ class Analysis:
             raise InfkitError(f"query index {q} is out of range for {result.n_query} queries")
         if not 0 <= i < self.n_train:
             raise InfkitError(f"train index {i} is out of range for {self.n_train} train examples")
-        preconditioned = self.estimator.precondition({n: g[q : q + 1] for n, g in result._query_grads.items()})
+        preconditioned = self.estimator.query_preconditioned({n: g[q : q + 1] for n, g in result._query_grads.items()})
         cb = self.train_passes.capture([i], Labels.DATA)
         per_layer, unassigned = scoring.per_token(preconditioned, cb, self.task.token_mask(cb.batch))
         try:

@@ -6,8 +6,9 @@ Two parts:
   stacked gradients of DataInf, ...), as ``estimator.state()`` reports it;
 * **train side** — every train example's gradient in the form that makes a new query cheapest
   (``estimator.train_side``: for EK-FAC rotated into the eigenbasis and divided by Λ + λ; for the others the raw
-  per-example gradients), stored per layer as [n_train, d_out, d_in] in ``dtype`` (float32 or bfloat16). With it a
-  query costs one forward+backward plus one matrix product per layer.
+  per-example gradients), stored per layer as [n_train, d_out, d_in] in ``dtype`` (float32 or bfloat16), or
+  projected to [n_train, k_out, k_in], in memory or memory-mapped on disk (:mod:`infkit.store`). With it a query
+  costs one forward+backward plus one matrix product per layer.
 
 A fingerprint (:func:`infkit.fingerprint.fingerprint`) ties a cache to the model's whole state and the train data,
 so a cache from another model or other data is refused with a message saying what differs.
@@ -19,11 +20,13 @@ so a cache from another model or other data is refused with a message saying wha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from infkit.estimators.base import Fitted
+from infkit.store import DiskStore, StoreChoice, format_bytes
 from infkit.tasks.base import Labels
 
 
@@ -33,14 +36,17 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 @dataclass
 class Cache:
-    """What an analysis holds after ``fit()``: device, dtype, bytes per part and the fingerprint."""
+    """What an analysis holds after ``fit()``: device, dtype, bytes per part, the fingerprint, and where its train
+    side is (full or projected, in memory or memory-mapped on disk: :mod:`infkit.store`)."""
 
     device: torch.device
     dtype: torch.dtype
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
-    train_side: dict[str, torch.Tensor] | None = None  # {layer: [n_train, d_out, d_in]}
+    train_side: dict[str, torch.Tensor] | None = None  # {layer: [n_train, k_out, k_in]} (k = d when full)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     fallback: str | None = None  # why the train side is not cached (memory budget), if it is not
+    projected: bool = False  # the train side holds projected gradients (infkit.projection)
+    folder: Path | None = None  # an on-disk store's folder
 
     @property
     def bytes(self) -> dict[str, int]:
@@ -55,41 +61,49 @@ class Cache:
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}={format_bytes(v)}" for k, v in self.bytes.items())
-        train = "cached" if self.train_side is not None else f"streamed ({self.fallback})"
+        if self.train_side is None:
+            train = f"streamed ({self.fallback})"
+        else:
+            train = ("projected" if self.projected else "full") + (f", on disk in {self.folder}" if self.folder else "")
         key = self.fingerprint.get("model", {}).get("state_sha256", "")[:12]
         return f"Cache(device={self.device}, dtype={self.dtype}, {parts}, train side {train}, model {key})"
 
 
-def format_bytes(n: float) -> str:
-    for unit in ["B", "KiB", "MiB", "GiB"]:
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+def allocate_train_side(analysis, choice: StoreChoice) -> tuple[dict[str, torch.Tensor], DiskStore | None]:
+    """Empty {layer: [n_train, k_out, k_in]} in the analysis' cache dtype: on its device, or memory-mapped in a
+    staging folder on disk (the DiskStore, to finish once filled)."""
+    if choice.on_disk:
+        disk = DiskStore(choice.folder, analysis.n_train, choice.shapes, analysis.cache_dtype)
+        return disk.tensors, disk
+    return {name: torch.empty(analysis.n_train, k_out, k_in, dtype=analysis.cache_dtype, device=analysis.device)
+            for name, (k_out, k_in) in choice.shapes.items()}, None
 
 
-def allocate_train_side(analysis) -> dict[str, torch.Tensor]:
-    """Empty {layer: [n_train, d_out, d_in]} in the analysis' cache dtype, on its device."""
-    return {
-        name: torch.empty(analysis.n_train, layer.d_out, layer.d_in, dtype=analysis.cache_dtype, device=analysis.device)
-        for name, layer in analysis.layers.items()
-    }
-
-
-def build(analysis, plan, fitted: Fitted, fingerprint: dict[str, Any]) -> Cache:
-    """The cache of a fitted analysis: the fit's state, and the train side when the plan caches it — the one the
-    fit produced, else ``estimator.train_side`` of every example from one more pass over the train data."""
-    cache = Cache(analysis.device, analysis.cache_dtype, fitted.state, fingerprint=fingerprint)
-    if not plan.cache_train:
-        cache.fallback = plan.fallback
+def build(analysis, choice: StoreChoice, fitted: Fitted, fingerprint: dict[str, Any],
+          disk: DiskStore | None = None) -> Cache:
+    """The cache of a fitted analysis: the fit's state, and the train side as ``choice`` says — the one the fit
+    produced (in ``disk`` when it is on disk), else ``estimator.train_side`` of every example (projected, for a
+    projected store) from one more pass over the train data."""
+    cache = Cache(analysis.device, analysis.cache_dtype, fitted.state, fingerprint=fingerprint,
+                  projected=choice.kind == "projected", folder=choice.folder)
+    if choice.kind == "stream":
+        cache.fallback = choice.reason
         return cache
-    if fitted.train_side is not None:
-        cache.train_side = fitted.train_side
-        return cache
-    stored = allocate_train_side(analysis)
-    for cb in analysis.train_passes.iterate(Labels.DATA, desc="caching train gradients"):
-        index = torch.as_tensor(cb.indices, device=cache.device)
-        for name, t in analysis.estimator.train_side_batch(cb).items():
-            stored[name][index] = t.to(cache.dtype)
-    cache.train_side = stored
+    stored = fitted.train_side
+    try:
+        if stored is None:
+            if disk is None:
+                stored, disk = allocate_train_side(analysis, choice)
+            estimator = analysis.estimator
+            side = estimator.projected_train_side_batch if cache.projected else estimator.train_side_batch
+            desc = "storing train gradients" + (" (projected)" if cache.projected else "")
+            for cb in analysis.train_passes.iterate(Labels.DATA, desc=desc):
+                rows = slice(cb.indices[0], cb.indices[-1] + 1)  # batches are consecutive examples
+                for name, t in side(cb).items():
+                    stored[name][rows] = t.to(device=stored[name].device, dtype=cache.dtype)
+        cache.train_side = disk.finish(fingerprint) if disk is not None else stored
+    except BaseException:
+        if disk is not None:
+            disk.abandon()
+        raise
     return cache

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from infkit import savefolder
+from infkit import savefolder, store
 from infkit._version import __version__
 from infkit.errors import InfkitError
 from infkit.fingerprint import describe_mismatch, fingerprint
@@ -72,9 +72,9 @@ def foreign(folder: Path) -> str | None:
 def save(analysis, path: str | os.PathLike) -> Path:
     if not analysis.fitted:
         raise InfkitError("save() needs a fitted analysis: call an.fit() first")
-    tensors = {f"factors/{k}": v for k, v in analysis.estimator.state().items()}
+    tensors = {f"factors/{k}": v for k, v in analysis.estimator.saved_state().items()}
     cache = analysis.cache
-    if cache is not None and cache.train_side is not None:
+    if cache is not None and cache.train_side is not None and cache.folder is None:  # on disk: the save points to it
         tensors.update({f"train/{k}": v for k, v in cache.train_side.items()})
     if analysis._self_influence is not None:
         tensors["self_influence"] = analysis._self_influence
@@ -93,6 +93,10 @@ def save(analysis, path: str | os.PathLike) -> Path:
             "fisher_samples": analysis.fisher_samples,
             "cache_dtype": str(analysis.cache_dtype).replace("torch.", ""),
             "estimator_options": analysis.estimator_options,
+            "store": analysis.store.kind,
+            "projection": analysis.store.rank,
+            "store_dir": str(analysis.store.folder.absolute()) if analysis.store.folder is not None else None,
+            "memory_budget": analysis.memory_budget,
         },
         "damping_used": analysis.estimator.damping_used,
         "fingerprint": cache.fingerprint if cache is not None else {},
@@ -195,10 +199,14 @@ def check_tensors(folder: Path, analysis, tensors: dict[str, torch.Tensor]) -> N
     shapes = analysis.estimator.state_shapes(rows)
     if shapes is not None:
         expected.update({f"factors/{k}": (tuple(v), f"{analysis.estimator.name}'s state") for k, v in shapes.items()})
+    projected = analysis.estimator.projection_state_shapes()
+    expected.update({f"factors/{k}": (tuple(v), "the store's projection") for k, v in projected.items()})
     if any(k.startswith("train/") for k in tensors):
         for name, layer in layers.items():
-            note = f"[n_train, d_out, d_in] with n_train = {n} and layer {name!r} of {layer.d_out} x {layer.d_in}"
-            expected[f"train/{name}"] = ((n, layer.d_out, layer.d_in), note)
+            k_out, k_in = analysis.store.shapes.get(name, (layer.d_out, layer.d_in))
+            note = (f"[n_train, k_out, k_in] with n_train = {n} and layer {name!r} of {layer.d_out} x {layer.d_in}, "
+                    f"stored {analysis.store.kind}")
+            expected[f"train/{name}"] = ((n, k_out, k_in), note)
     if "self_influence" in tensors:
         expected["self_influence"] = ((n,), f"one value per train example, n_train = {n}")
     problems = []
@@ -244,6 +252,10 @@ def load(cls, path, model, task, train_data, progress: bool = True):
         modules=layer_names,
         progress=progress,
         cache_dtype=settings["cache_dtype"],
+        store=settings.get("store", "auto"),
+        projection=settings.get("projection"),
+        store_dir=settings.get("store_dir"),
+        memory_budget=settings.get("memory_budget"),
         **settings["estimator_options"],
     )
     analysis.fisher_given = not settings.get("fisher_default", False)
@@ -259,6 +271,8 @@ def load(cls, path, model, task, train_data, progress: bool = True):
     device = analysis.device
     factors = {k[len("factors/") :]: v.to(device) for k, v in tensors.items() if k.startswith("factors/")}
     train = {k[len("train/") :]: v.to(device) for k, v in tensors.items() if k.startswith("train/")}
+    if analysis.store.on_disk:  # the save points to its store: checked against its checksums and fingerprint
+        train = store.open_store(analysis.store.folder, current)
     analysis.restore(factors, train or None, meta["damping_used"], current, tensors.get("self_influence"))
     analysis.timings.update({f"saved_{k}": v for k, v in meta.get("timings", {}).items()})
     return analysis

@@ -10,6 +10,7 @@ import torch
 
 from infkit.cache import format_bytes
 from infkit.errors import InfkitError
+from infkit.store import StoreChoice
 
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -82,6 +83,16 @@ class Plan:
     positions: int = 1  # positions per example in the first batch (for the working-memory estimate)
     batch_size: int = 1
     device_bytes: int = 0
+    store: StoreChoice | None = None  # where and how the train side is kept (infkit.store)
+    batch_seconds: float | None = None  # one measured batch: forward + backward with captures (plan(measure=True))
+
+    @property
+    def estimated_seconds(self) -> float | None:
+        """Passes x batches x the measured batch (a lower bound: the estimator's own products come on top)."""
+        if self.batch_seconds is None:
+            return None
+        batches = -(-self.n_train // self.batch_size)
+        return (self.fit_passes + (self.cache_passes if self.cache_train else 0)) * batches * self.batch_seconds
 
     @property
     def bytes_per_query(self) -> int:
@@ -91,14 +102,25 @@ class Plan:
 
     @property
     def fallback(self) -> str | None:
-        if self.cache_train:
-            return None
-        if self.train_cache_bytes > self.memory_budget:
-            return (
-                f"train-side cache of {format_bytes(self.train_cache_bytes)} exceeds the memory budget of "
-                f"{format_bytes(self.memory_budget)}: every scores() call streams the train data again"
-            )
-        return "caching disabled (cache=False): every scores() call streams the train data again"
+        """Why the train side is not stored (then every ``scores()`` call streams the train data), or None."""
+        return None if self.cache_train else self.store.reason
+
+    def store_line(self) -> str:
+        """The train-side store in words: kind, bytes, where, why, and against the full store."""
+        store = self.store
+        where = f"on disk in {store.folder}" if store.on_disk else "in memory"
+        if store.kind == "full":
+            text = f"full, {format_bytes(store.bytes)} {where}"
+        else:
+            ratio = self.train_cache_bytes / max(store.bytes, 1)
+            text = (f"projected to at most {store.rank} dimensions per side of each layer, "
+                    f"{format_bytes(store.bytes)} {where}, against {format_bytes(self.train_cache_bytes)} full "
+                    f"({ratio:,.0f}x smaller)")
+        # the budget depends on the machine: named only where it decided something
+        in_budget = store.kind == "full" and not store.on_disk
+        budget = "" if in_budget else f", memory budget {format_bytes(self.memory_budget)}"
+        return (f"  train-side store: {text} ({store.reason}{budget}; {self.cache_passes} more pass(es)); each query "
+                "then costs one backward + matrix products")
 
     def summary(self) -> str:
         lines = [
@@ -113,11 +135,12 @@ class Plan:
             f"{self.positions} positions (captured a and s; the model's own activations come on top); "
             f"scores(): ~{format_bytes(self.bytes_per_query)} per query",
         ]
+        if self.batch_seconds is not None:
+            lines.append(f"  time: fit and store ~{format_seconds(self.estimated_seconds)} or more (one batch "
+                         f"measured: {self.batch_seconds:.2f} s for forward + backward with captures; the estimator's "
+                         "products come on top; the progress bars update it as the passes run)")
         if self.cache_train:
-            lines.append(
-                f"  train-side cache: {format_bytes(self.train_cache_bytes)} ({self.cache_passes} more pass(es)); "
-                "each query then costs one backward + matrix products"
-            )
+            lines.append(self.store_line())
         else:
             lines.append(f"  fallback: {self.fallback}")
         return "\n".join(lines)
@@ -126,12 +149,21 @@ class Plan:
         return self.summary()
 
 
-def make_plan(analysis) -> Plan:
+def format_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def make_plan(analysis, batch_seconds: float | None = None) -> Plan:
     est = analysis.estimator
     n, n_params = analysis.n_train, analysis.n_params
     element = torch.tensor([], dtype=analysis.cache_dtype).element_size()
     train_bytes = n * n_params * element
     positions = analysis.positions_per_example()
+    store = analysis.store
     return Plan(
         estimator=est.name,
         n_train=n,
@@ -140,7 +172,8 @@ def make_plan(analysis) -> Plan:
         factor_bytes=est.planned_factor_bytes(n),
         train_cache_bytes=train_bytes,
         memory_budget=analysis.memory_budget,
-        cache_train=analysis.use_cache and train_bytes <= analysis.memory_budget,
+        cache_train=store.kind != "stream",
+        store=store,
         fit_passes=est.fit_passes,
         cache_passes=0 if est.fills_train_side(analysis.fisher) else 1,
         device=str(analysis.device),
@@ -153,4 +186,5 @@ def make_plan(analysis) -> Plan:
         positions=positions,
         batch_size=analysis.batch_size,
         device_bytes=device_memory(analysis.device),
+        batch_seconds=batch_seconds,
     )

@@ -19,6 +19,7 @@ train-side cache). At k = min(d_out, d_in) it is exact; the README reports the a
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from infkit.errors import InfkitError
 from infkit.estimators.base import Estimator, Grads
@@ -34,17 +35,29 @@ PerLayer = dict[str, torch.Tensor]  # {layer: [n_query, n_train]} float32, CPU
 LowRank = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # {layer: (U, σ, Vᵀ)}
 
 
-def against_cache(query_side: Grads, train_side: Grads) -> PerLayer:
-    """⟨query side, cached train side⟩ per layer, in float32 (bfloat16 caches in chunks of train rows)."""
+def against_cache(query_side: Grads, train_side: Grads, on_disk: bool = False, progress: bool = False) -> PerLayer:
+    """⟨query side, stored train side⟩ per layer, in float32. A float32 store on the query's device is one matrix
+    product per layer; otherwise (bfloat16, memory-mapped ``on_disk``, another device) the store is read in chunks of
+    :data:`SCORE_CHUNK` rows, each moved to the query's device (a progress bar when ``progress``)."""
     per_layer = {}
-    for name, cached in train_side.items():
-        q = query_side[name].flatten(1).to(device=cached.device, dtype=torch.float32)
-        flat = cached.flatten(1)
-        if flat.dtype == torch.float32:
-            scores = q @ flat.T
-        else:
-            scores = torch.cat([q @ flat[i : i + SCORE_CHUNK].float().T for i in range(0, len(flat), SCORE_CHUNK)], 1)
-        per_layer[name] = scores.cpu()
+    n = next(iter(train_side.values())).shape[0]
+    chunked = [name for name, t in train_side.items()
+               if on_disk or t.dtype != torch.float32 or t.device != query_side[name].device]
+    bar = tqdm(total=len(chunked) * n, desc="scoring against the stored train side", unit="row", unit_scale=True,
+               disable=not progress or not chunked, leave=False)
+    for name, stored in train_side.items():
+        q = query_side[name].flatten(1).to(torch.float32)
+        flat = stored.flatten(1)
+        if name not in chunked:
+            per_layer[name] = (q.to(flat.device) @ flat.T).cpu()
+            continue
+        parts = []
+        for i in range(0, n, SCORE_CHUNK):
+            block = flat[i : i + SCORE_CHUNK].to(device=q.device, dtype=torch.float32)
+            parts.append((q @ block.T).cpu())
+            bar.update(block.shape[0])
+        per_layer[name] = torch.cat(parts, 1)
+    bar.close()
     return per_layer
 
 
@@ -109,6 +122,55 @@ def self_influence_from_cache(estimator: Estimator, raw_train_grads: Grads) -> t
         query_side = estimator.query_side(grads)
         total = sum((query_side[name].flatten(1) * grads[name].flatten(1)).sum(dim=1) for name in estimator.layers)
         values[start : start + SELF_CHUNK] = total.cpu().to(torch.float32)
+    return values
+
+
+def top_against_store(query_side: Grads, train_side: Grads, k: int, progress: bool = False):
+    """The k highest and k lowest total scores per query against a stored train side, kept on the fly chunk by
+    chunk of :data:`SCORE_CHUNK` rows, so no [n_query, n_train] matrix is formed: (highest values [Q, k'], their
+    train indices, lowest values, their indices), k' = min(k, n_train). Non-finite totals are refused."""
+    n = next(iter(train_side.values())).shape[0]
+    queries = {name: q.flatten(1).to(torch.float32) for name, q in query_side.items()}
+    n_query = next(iter(queries.values())).shape[0]
+    empty = torch.empty(n_query, 0)
+    high, high_at, low, low_at = empty, empty.long(), empty, empty.long()
+    bar = tqdm(total=n, desc="top influences against the stored train side", unit="row", unit_scale=True,
+               disable=not progress, leave=False)
+    for start in range(0, n, SCORE_CHUNK):
+        total = None
+        for name, stored in train_side.items():
+            q = queries[name]
+            block = stored[start : start + SCORE_CHUNK].flatten(1).to(device=q.device, dtype=torch.float32)
+            part = (q @ block.T).cpu()
+            total = part if total is None else total + part
+        if not bool(torch.isfinite(total).all()):
+            q_bad, column = (int(v) for v in (~torch.isfinite(total)).nonzero()[0])
+            raise InfkitError(f"the score of query {q_bad} against train example {start + column} is not finite; "
+                              "give a larger damping= (or damping=None for the heuristic)")
+        at = torch.arange(start, start + total.shape[1]).expand(n_query, -1)
+        high, high_at = _keep(torch.cat([high, total], 1), torch.cat([high_at, at], 1), k, largest=True)
+        low, low_at = _keep(torch.cat([low, total], 1), torch.cat([low_at, at], 1), k, largest=False)
+        bar.update(total.shape[1])
+    bar.close()
+    return high, high_at, low, low_at
+
+
+def _keep(values: torch.Tensor, indices: torch.Tensor, k: int, largest: bool):
+    """The k largest (or smallest) of each row, ties broken by the lower train index."""
+    order = torch.argsort(indices, dim=1)  # stable ties: sort by index first, then stably by value
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    ranked = torch.sort(values, dim=1, descending=largest, stable=True).indices[:, :k]
+    return values.gather(1, ranked), indices.gather(1, ranked)
+
+
+def self_influence_projected(estimator: Estimator, stored: Grads) -> torch.Tensor:
+    """Self-influence from a projected store (``estimator.projected_self_influence``, the diagonal of the projected
+    scores): no data pass, in chunks of rows."""
+    n = next(iter(stored.values())).shape[0]
+    values = torch.zeros(n)
+    for start in range(0, n, SCORE_CHUNK):
+        chunk = {name: t[start : start + SCORE_CHUNK].to(torch.float32) for name, t in stored.items()}
+        values[start : start + SCORE_CHUNK] = estimator.projected_self_influence(chunk).cpu().to(torch.float32)
     return values
 
 

@@ -73,13 +73,14 @@ def test_plan_states_the_costs_and_the_fallback():
     assert plan.n_params == an.n_params == 3216
     assert plan.train_cache_bytes == 24 * 3216 * 4
     assert plan.fit_passes == 2 and plan.cache_train
-    assert "2 pass(es)" in plan.summary() and "train-side cache" in plan.summary()
-    small = make(memory_budget=1000)
+    assert "2 pass(es)" in plan.summary() and "train-side store: full" in plan.summary()
+    # exact has no projected store: above the budget it streams
+    small = make("exact", memory_budget=1000)
     assert not small.plan().cache_train
     assert "exceeds the memory budget of 1000 B" in small.plan().summary()
     small.fit()
     assert small.cache.train_side is None and "exceeds the memory budget" in repr(small.cache)
-    assert_close(small.scores(QUERIES).scores, make().fit().scores(QUERIES).scores, rel=1e-5)
+    assert_close(small.scores(QUERIES).scores, make("exact").fit().scores(QUERIES).scores, rel=1e-5)
 
 
 def test_cache_reports_device_dtype_bytes_and_fingerprint():

@@ -25,6 +25,7 @@ import torch
 
 from infkit.capture import Layer
 from infkit.errors import InfkitError
+from infkit.projection import LayerProjection, random_projection
 
 Grads = dict[str, torch.Tensor]
 Damping = float | dict[str, float] | None
@@ -139,10 +140,89 @@ class Estimator:
     #: Why, in a few words (the plan prints it).
     fisher_reason = "the true Fisher, labels drawn from the model (Grosse et al. 2023)"
 
+    #: How a compressed train-side store projects this estimator's gradients (:mod:`infkit.projection`): "random"
+    #: (seeded Gaussian), "eigenbasis" (leading directions of its Kronecker factors), or None (no projected store).
+    projection_kind: str | None = None
+
     def __init__(self, layers: dict[str, Layer], damping: Damping = None):
         self.layers = layers
         self.damping = damping
         self.damping_used: dict[str, float] = {}
+        #: (k_out, k_in) per layer when the train side is stored projected, else None
+        self.projected_shapes: dict[str, tuple[int, int]] | None = None
+        self.projections: dict[str, LayerProjection] = {}  # filled before (random) or during (eigenbasis) fit
+
+    # -- a projected train-side store (infkit.projection) --------------------------------------------------------
+    def use_projection(self, shapes: dict[str, tuple[int, int]], seed: int) -> None:
+        """Score through projected gradients of these (k_out, k_in) shapes. Random projections are drawn now (so
+        a fit can stack projected gradients); eigenbasis ones are chosen by the fit."""
+        if self.projection_kind is None:
+            raise InfkitError(f"the {self.name!r} estimator has no projected store (its curvature is not "
+                              "diagonal in any projection); use store='full' or store='stream'")
+        self.projected_shapes = dict(shapes)
+        if self.projection_kind == "random":
+            self.projections = {name: random_projection(self.layers[name], shape, seed)
+                                for name, shape in shapes.items()}
+
+    def projected_query_side(self, grads: Grads) -> Grads:
+        """The query side of full query gradients, in the projected space: {layer: [Q, k_out, k_in]}."""
+        return self.finish_projected_query({name: self.projections[name].of_grads(v) for name, v in grads.items()})
+
+    def projected_train_side_batch(self, cb) -> Grads:
+        """The train side of a captured batch in the projected space, from its tokens' a and s: [B, k_out, k_in]."""
+        return self.finish_projected_train({name: self.projections[name].of_tokens(cb.activations[name],
+                                                                                   cb.output_grads[name])
+                                            for name in self.layers})
+
+    def finish_projected_query(self, projected: Grads) -> Grads:
+        """Precondition projected query gradients where the estimator preconditions queries (default: as they are)."""
+        return projected
+
+    def finish_projected_train(self, projected: Grads) -> Grads:
+        """Precondition projected train gradients where the estimator preconditions the train side (default: as
+        they are)."""
+        return projected
+
+    def projected_self_influence(self, stored: Grads) -> torch.Tensor:
+        """Self-influence of stored rows of the projected train side, [rows] float64: ⟨query side, train side⟩ of
+        each example with itself (the stored rows hold raw projected gradients by default)."""
+        query = self.finish_projected_query(stored)
+        return sum((query[name].double() * stored[name].double()).flatten(1).sum(dim=1) for name in stored)
+
+    def query_preconditioned(self, grads: Grads) -> Grads:
+        """Ṽ = (G + λI)⁻¹ V of full query gradients, as scores use it: with a projected store, the projected
+        preconditioned query lifted back, P_outᵀ Ṽ̂ P_in, so that ⟨Ṽ, G⟩ = Σ_t s_tᵀ Ṽ a_t is exactly the projected
+        score of any train gradient G (per-token scores then sum to the score the store gives)."""
+        if self.projected_shapes is None:
+            return self.precondition(grads)
+        preconditioned = self.finish_projected_train(self.projected_query_side(grads))  # ⟨Ṽ̂, ĝ⟩ = the score
+        return {name: (self.projections[name].p_out.T.to(v) @ v @ self.projections[name].p_in.to(v)).to(grads[name])
+                for name, v in preconditioned.items()}
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """``state()`` and, with a projected store, the projection (what a save holds of the estimator)."""
+        return {**self.state(), **self.projection_state()}
+
+    def projection_state(self) -> dict[str, torch.Tensor]:
+        """The projection matrices, for a save (empty when the store is not projected)."""
+        if self.projected_shapes is None:
+            return {}
+        tensors = {}
+        for name, projection in self.projections.items():
+            tensors[f"{name}/p_out"], tensors[f"{name}/p_in"] = projection.p_out, projection.p_in
+        return tensors
+
+    def load_projection_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.projected_shapes is not None:
+            self.projections = {name: LayerProjection(state[f"{name}/p_out"], state[f"{name}/p_in"])
+                                for name in self.layers}
+
+    def projection_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for name, (k_out, k_in) in (self.projected_shapes or {}).items():
+            layer = self.layers[name]
+            shapes[f"{name}/p_out"], shapes[f"{name}/p_in"] = (k_out, layer.d_out), (k_in, layer.d_in)
+        return shapes
 
     def fit(self, passes, keep: Grads | None = None) -> Fitted:
         """Fit the curvature on ``passes`` (an :class:`infkit.passes.DataPasses` over the train data).
@@ -153,7 +233,7 @@ class Estimator:
         raise NotImplementedError
 
     def fitted(self, train_side: Grads | None = None) -> Fitted:
-        return Fitted(self.state(), dict(self.damping_used), train_side)
+        return Fitted(self.saved_state(), dict(self.damping_used), train_side)
 
     def fills_train_side(self, fisher: str) -> bool:
         """Whether ``fit`` computes every train gradient with the data's labels anyway (so it can fill ``keep``

@@ -43,15 +43,32 @@ def stored_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def stacked_gradients(passes, layers, desc: str) -> dict[str, torch.Tensor]:
-    """Every train example's gradient of each layer under the curvature's labels, flattened and stacked:
-    {layer: [n, d_l]} (float32, or float64 for a float64 model), from one pass."""
+def squared_norms(activations: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
+    """‖Σ_t s_t a_tᵀ‖² of each example from its tokens, [B]: Σ_{t,t'} (s_t·s_t')(a_t·a_t'), without the gradient."""
+    if activations.shape[1] == 1:
+        return activations[:, 0].square().sum(-1) * output_grads[:, 0].square().sum(-1)
+    gram_a = activations @ activations.transpose(1, 2)
+    gram_s = output_grads @ output_grads.transpose(1, 2)
+    return (gram_a * gram_s).sum(dim=(1, 2))
+
+
+def stacked_gradients(passes, layers, desc: str, projections=None) -> tuple[dict[str, torch.Tensor],
+                                                                             dict[str, torch.Tensor]]:
+    """Every train example's gradient of each layer under the curvature's labels, flattened and stacked —
+    {layer: [n, d_l]}, or {layer: [n, k_out·k_in]} projected when ``projections`` are given (formed from the tokens,
+    never in full) — and the squared norms of the full gradients {layer: [n]}; float32, or float64 for a float64
+    model; one pass."""
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    norms: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     for cb in passes.iterate(Labels.CURVATURE, desc=desc):
         for name in layers:
-            g = cb.grads(name)
+            a, s = cb.activations[name], cb.output_grads[name]
+            g = projections[name].of_tokens(a, s) if projections else cb.grads(name)
             parts[name].append(g.reshape(g.shape[0], -1).to(stored_dtype(g.dtype)))
-    return {name: torch.cat(parts.pop(name)) for name in list(parts)}  # free the pieces as we go
+            norms[name].append((squared_norms(a, s) if projections else parts[name][-1].square().sum(dim=1))
+                               .to(stored_dtype(g.dtype)))
+    stacked = {name: torch.cat(parts.pop(name)) for name in list(parts)}  # free the pieces as we go
+    return stacked, {name: torch.cat(values) for name, values in norms.items()}
 
 
 def no_lora_warning(layers, estimator: str) -> None:
@@ -82,15 +99,22 @@ class DataInf(Estimator):
 
     def planned_factor_bytes(self, n_train: int) -> int:
         total = 0
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
             element = 8 if layer.module.weight.dtype == torch.float64 else 4
-            total += element * n_train * (layer.n_params + 1)
+            k_out, k_in = (self.projected_shapes or {}).get(name, (layer.d_out, layer.d_in))
+            total += element * n_train * (k_out * k_in + 1)
         return total
 
+    # A projected store: seeded Gaussian projections; the formula then runs on projected gradients (its inner
+    # products estimated in the projected space), with the full gradients' norms and λ.
+    projection_kind = "random"
+
     def fit(self, passes, keep=None):
-        for name, stacked in stacked_gradients(passes, self.layers, "datainf: per-example gradients").items():
+        projections = self.projections if self.projected_shapes is not None else None
+        stacked_all, norms_all = stacked_gradients(passes, self.layers, "datainf: per-example gradients", projections)
+        for name, stacked in stacked_all.items():
             layer = self.layers[name]
-            norms = stacked.square().sum(dim=1)
+            norms = norms_all[name]
             self.gradients[name], self.squared_norms[name] = stacked, norms
             heuristic = DAMPING_FRACTION * float(norms.double().mean()) / layer.n_params
             self.resolve_damping(name, heuristic)
@@ -118,6 +142,16 @@ class DataInf(Estimator):
                 )
 
     def precondition(self, grads: Grads) -> Grads:
+        if self.projected_shapes is not None:
+            raise InfkitError("this DataInf fit keeps projected gradients only: precondition through "
+                              "query_preconditioned(), which works in the projected space")
+        return self._apply(grads)
+
+    def finish_projected_query(self, projected):
+        return self._apply(projected)
+
+    def _apply(self, grads: Grads) -> Grads:
+        """(V − (1/n) C Γ) / λ per layer, with Γ the stacked (full or projected) gradients; same layout out."""
         out = {}
         for name, v in grads.items():
             stacked, norms = self.gradients[name], self.squared_norms[name]
@@ -146,6 +180,7 @@ class DataInf(Estimator):
     def state_shapes(self, rows):
         shapes = {}
         for name, layer in self.layers.items():
-            shapes[f"{name}/gradients"] = (rows, layer.n_params)
+            k_out, k_in = (self.projected_shapes or {}).get(name, (layer.d_out, layer.d_in))
+            shapes[f"{name}/gradients"] = (rows, k_out * k_in)
             shapes[f"{name}/squared_norms"] = (rows,)
         return shapes

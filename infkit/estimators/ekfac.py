@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from infkit.errors import InfkitError
 from infkit.estimators.base import Estimator, Grads, Side, register
+from infkit.projection import LayerProjection, kept_share, leading
 from infkit.tasks.base import Labels
 
 #: The damping heuristic of Grosse et al. 2023: a tenth of the mean eigenvalue of each layer's block.
@@ -28,8 +29,18 @@ DAMPING_FRACTION = 0.1
 MAX_FACTOR_DIM = 16384
 
 
+def divide_rows(stored: torch.Tensor, denominator: torch.Tensor, chunk: int = 4096) -> None:
+    """stored[i] /= denominator for every row, in place, a chunk of rows at a time (the store may be a memory map
+    on disk: no full-size temporary)."""
+    for start in range(0, stored.shape[0], chunk):
+        stored[start : start + chunk] /= denominator.to(stored.dtype)
+
+
 class KroneckerEigenbasis(Estimator):
     """Shared machinery of K-FAC and EK-FAC: eigenbases Q_A, Q_S and an eigenvalue matrix Λ per layer."""
+
+    # A projected store keeps the leading eigen-directions of S and A: the preconditioner stays diagonal there.
+    projection_kind = "eigenbasis"
 
     def __init__(self, layers, damping=None, max_factor_dim: int = MAX_FACTOR_DIM):
         super().__init__(layers, damping)
@@ -43,6 +54,9 @@ class KroneckerEigenbasis(Estimator):
         self.eigenvalues: dict[str, torch.Tensor] = {}  # Λ [d_out, d_in]
         self.mean_tokens: dict[str, float] = {}  # T̄: real positions per example
         self.n_examples = 0
+        # with a projected store: the kept rows of Λ (S directions) and columns (A directions) per layer
+        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kept_shares: dict[str, float] = {}  # share of Σ Λ/(Λ+λ) the kept pairs hold (projection.kept_share)
 
     def check_factor_sizes(self, limit: int) -> None:
         """Refuse at construction a layer whose factor would not fit, naming its size and how to leave it out."""
@@ -81,6 +95,16 @@ class KroneckerEigenbasis(Estimator):
             self.mean_tokens[name] = tokens[name] / n_examples
             self.eigvals_a[name], self.eigvecs_a[name] = torch.linalg.eigh(self.activation_cov[name])
             self.eigvals_s[name], self.eigvecs_s[name] = torch.linalg.eigh(self.gradient_cov[name])
+        if self.projected_shapes is not None:
+            self.choose_projection()
+
+    def choose_projection(self) -> None:
+        """Keep, per layer, the k_out leading eigenvectors of S and the k_in leading ones of A (by λ_S, λ_A)."""
+        for name, (k_out, k_in) in self.projected_shapes.items():
+            rows, columns = leading(self.eigvals_s[name], k_out), leading(self.eigvals_a[name], k_in)
+            self.kept[name] = (rows, columns)
+            q_s, q_a = self.eigvecs_s[name], self.eigvecs_a[name]
+            self.projections[name] = LayerProjection(q_s[:, rows].T, q_a[:, columns].T)
 
     def planned_factor_bytes(self, n_train: int) -> int:
         # float64: A, S, their eigenvectors, their eigenvalues, and Λ
@@ -99,6 +123,8 @@ class KroneckerEigenbasis(Estimator):
         for name, eigenvalues in self.eigenvalues.items():
             lam = self.resolve_damping(name, DAMPING_FRACTION * float(eigenvalues.mean()))
             self.check_invertible(name, eigenvalues, lam)
+            if name in self.kept:
+                self.kept_shares[name] = kept_share(eigenvalues, lam, *self.kept[name])
 
     def check_invertible(self, name: str, eigenvalues: torch.Tensor, lam: float) -> None:
         """Refuse a damping that leaves Λ + λ with zeros (a singular block: (G + λI)⁻¹ would be inf, scores NaN).
@@ -151,6 +177,41 @@ class KroneckerEigenbasis(Estimator):
     def _denominator(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         return (self.eigenvalues[name] + self.damping_used[name]).to(dtype)
 
+    # -- the projected store: the kept eigen-pairs only ---------------------------------------------------------
+    def _kept_denominator(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        rows, columns = self.kept[name]
+        return (self.eigenvalues[name] + self.damping_used[name])[rows][:, columns].to(like)
+
+    def restrict(self, name: str, rotated: torch.Tensor) -> torch.Tensor:
+        """The kept eigen-pairs of rotated gradients Q_Sᵀ G Q_A [B, d_out, d_in] -> [B, k_out, k_in]."""
+        rows, columns = self.kept[name]
+        return rotated[:, rows.to(rotated.device)][:, :, columns.to(rotated.device)]
+
+    def finish_projected_train(self, projected):
+        return {name: g / self._kept_denominator(name, g) for name, g in projected.items()}
+
+    def projected_self_influence(self, stored):
+        # stored rows are ĝ ⊘ (Λ + λ) on the kept pairs: ĝᵀ (Λ + λ)⁻¹ ĝ = Σ stored² · (Λ + λ)
+        return sum((stored[name].double().square() * self._kept_denominator(name, stored[name]).double())
+                   .flatten(1).sum(dim=1) for name in stored)
+
+    def projection_state(self):
+        tensors = super().projection_state()
+        for name, (rows, columns) in self.kept.items():
+            tensors[f"{name}/kept_out"], tensors[f"{name}/kept_in"] = rows, columns
+        return tensors
+
+    def load_projection_state(self, state):
+        super().load_projection_state(state)
+        if self.projected_shapes is not None:
+            self.kept = {name: (state[f"{name}/kept_out"], state[f"{name}/kept_in"]) for name in self.layers}
+
+    def projection_state_shapes(self):
+        shapes = super().projection_state_shapes()
+        for name, (k_out, k_in) in (self.projected_shapes or {}).items():
+            shapes[f"{name}/kept_out"], shapes[f"{name}/kept_in"] = (k_out,), (k_in,)
+        return shapes
+
     def state(self):
         tensors = {}
         for name in self.layers:
@@ -198,10 +259,11 @@ class EKFAC(KroneckerEigenbasis):
                 rotated = self._rotated_grads(cb, name)  # Q_Sᵀ ΣW Q_A per example, in the model's dtype
                 sums[name] = sums[name] + rotated.square().sum(dim=0).double()
                 if keep is not None:
-                    keep[name][rows] = rotated
+                    keep[name][rows] = self.restrict(name, rotated) if self.kept else rotated
         self.eigenvalues = {name: sums[name] / n_rows for name in self.layers}
         self.set_damping()
         if keep is not None:
             for name, stored in keep.items():
-                stored /= self._denominator(name, stored.dtype)
+                divide_rows(stored, self._kept_denominator(name, stored) if self.kept
+                            else self._denominator(name, stored.dtype))
         return self.fitted(train_side=keep)

@@ -16,6 +16,7 @@ class Identity(Estimator):
     fit_passes = 0
     default_fisher = None
     fisher_reason = "no curvature"
+    projection_kind = "random"  # a projected store: seeded Gaussian projections, inner products estimated
 
     def fit(self, passes, keep=None):
         self.damping_used = {name: 0.0 for name in self.layers}
