@@ -83,14 +83,19 @@ def run(model_name: str, model, estimator: str, train, queries, ranks, budget) -
     rows = []
     reference = None
     for rank in [None, *ranks]:
-        options = dict(store="projected", projection=rank) if rank else dict(store="auto", memory_budget=budget)
+        if rank:
+            options = dict(store="projected", projection=rank, memory_budget=budget)
+        else:  # the reference: the full store where it fits the budget, else streaming (the same full scores)
+            full_bytes = Analysis(model, tasks.CausalLM(), train, estimator=estimator, progress=False,
+                                  store="stream").plan().train_cache_bytes
+            options = dict(store="full", memory_budget=budget) if full_bytes <= budget else dict(store="stream")
         an = Analysis(model, tasks.CausalLM(), train, estimator=estimator, batch_size=32, progress=False, **options)
         plan = an.plan()
         start = time.perf_counter()
         an.fit()
         fit_seconds = time.perf_counter() - start
         an.scores([queries[-1]])  # warm-up
-        repeats = 3 if an.store.kind == "stream" else len(queries)
+        repeats = 1 if an.store.kind == "stream" else len(queries)
         latency = median_seconds(lambda k, an=an: an.scores([queries[k]]), repeats)
         scores = an.scores(queries).scores
         if rank is None:

@@ -13,8 +13,10 @@ query gradients (the measurement) and hands them to a kernel of :mod:`infkit.sco
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -38,7 +40,7 @@ from infkit.errors import InfkitError
 from infkit.estimators import make_estimator
 from infkit.estimators.base import Damping, Grads, plain_number
 from infkit.fingerprint import Staleness, fingerprint
-from infkit.passes import DataPasses, data_length, model_device
+from infkit.passes import DataPasses, data_length, is_out_of_memory, model_device
 from infkit.plan import Plan, check_fits_device, default_memory_budget, make_plan, resolve_cache_dtype
 from infkit.result import InfluenceResult, Ranked, TokenScores, Top
 from infkit.tasks.base import Labels, Task
@@ -164,6 +166,8 @@ class Analysis:
         self.fitted = False
         self.timings: dict[str, float] = {}
         self._last_result: InfluenceResult | None = None
+        if not cache and store not in ("auto", "stream"):
+            raise InfkitError(f"cache=False keeps no train-side store, but store={store!r}; give one of them")
         self.use_cache = cache
         self.store_setting = "stream" if not cache else store
         self.projection, self.store_dir = projection, store_dir
@@ -227,12 +231,19 @@ class Analysis:
         if self.store.kind == "projected":
             self.estimator.use_projection(self.store.shapes, self.seed)
 
-    def _default_store_folder(self, kind: str, rank: int | None) -> Path:
-        """$INFKIT_CACHE_DIR/stores/<estimator>-<kind>[k]-n<n>-<hash of the layers' shapes and the dtype>."""
+    def _default_store_folder(self, kind: str, rank: int | None, fitted_on: dict | None = None) -> Path:
+        """$INFKIT_CACHE_DIR/stores/<estimator>-<kind>[k]-n<n>-<hash of the layers' shapes and the settings>, and
+        once fitting, -<hash of the model's state and the data> (so fits of other checkpoints or settings never
+        share a folder)."""
         from infkit.demo._weights import cache_root
 
         shapes = ",".join(f"{name}:{layer.d_out}x{layer.d_in}" for name, layer in self.layers.items())
-        key = hashlib.sha256(f"{shapes}/{self.cache_dtype}/{self.seed}".encode()).hexdigest()[:12]
+        settings = json.dumps([shapes, str(self.cache_dtype), self.seed, self.estimator.damping, self.fisher,
+                               self.fisher_samples, self.estimator_options], sort_keys=True, default=str)
+        key = hashlib.sha256(settings.encode()).hexdigest()[:12]
+        if fitted_on is not None:
+            state = json.dumps([fitted_on["model"]["state_sha256"], fitted_on["data"]], sort_keys=True)
+            key += "-" + hashlib.sha256(state.encode()).hexdigest()[:12]
         return cache_root() / "stores" / f"{self.estimator.name}-{kind}{rank or ''}-n{self.n_train}-{key}"
 
     def plan(self, measure: bool = False) -> Plan:
@@ -243,12 +254,18 @@ class Analysis:
         return make_plan(self, self._batch_seconds() if measure else None)
 
     @autograd_allowed
-    def _batch_seconds(self) -> float:
-        """Seconds of one train batch's capture (the second of two: the first warms up)."""
+    def _batch_seconds(self) -> float | None:
+        """Seconds of one train batch's capture (the second of two: the first warms up); None when the batch runs
+        out of memory (the fit then splits it, as it says)."""
         indices = list(range(min(self.batch_size, self.n_train)))
-        self.train_passes.capture(indices, Labels.DATA)
-        start = time.perf_counter()
-        self.train_passes.capture(indices, Labels.DATA)
+        try:
+            self.train_passes.capture(indices, Labels.DATA)
+            start = time.perf_counter()
+            self.train_passes.capture(indices, Labels.DATA)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err):
+                raise
+            return None
         return time.perf_counter() - start
 
     @autograd_allowed
@@ -262,10 +279,13 @@ class Analysis:
             print("infkit: refitting, since the last fit: " + "; ".join(changed))
             self._discard_fit()
         self._check_trained_adapter()
+        fitted_on = fingerprint(self)  # before the passes: what this fit sees
+        if self.store.on_disk and self.store_dir is None:  # the default folder: named after this model and data too
+            self.store = dataclasses.replace(self.store, folder=self._default_store_folder(
+                self.store.kind, self.store.rank, fitted_on))
         plan = self.plan(measure=self.progress)
         if self.progress:
             print(plan.summary())
-        fitted_on = fingerprint(self)  # before the passes: what this fit sees
         start = time.perf_counter()
         fills = plan.cache_train and self.estimator.fills_train_side(self.fisher)
         keep, disk = caches.allocate_train_side(self, self.store) if fills else (None, None)

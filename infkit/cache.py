@@ -19,6 +19,7 @@ so a cache from another model or other data is refused with a message saying wha
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class Cache:
     fallback: str | None = None  # why the train side is not cached (memory budget), if it is not
     projected: bool = False  # the train side holds projected gradients (infkit.projection)
     folder: Path | None = None  # an on-disk store's folder
+    fit_id: str | None = None  # which fit wrote the on-disk store (its store.json says the same)
 
     @property
     def bytes(self) -> dict[str, int]:
@@ -94,6 +96,8 @@ def build(analysis, choice: StoreChoice, fitted: Fitted, fingerprint: dict[str, 
         if stored is None:
             if disk is None:
                 stored, disk = allocate_train_side(analysis, choice)
+            else:
+                stored = disk.tensors
             estimator = analysis.estimator
             side = estimator.projected_train_side_batch if cache.projected else estimator.train_side_batch
             desc = "storing train gradients" + (" (projected)" if cache.projected else "")
@@ -101,7 +105,11 @@ def build(analysis, choice: StoreChoice, fitted: Fitted, fingerprint: dict[str, 
                 rows = slice(cb.indices[0], cb.indices[-1] + 1)  # batches are consecutive examples
                 for name, t in side(cb).items():
                     stored[name][rows] = t.to(device=stored[name].device, dtype=cache.dtype)
-        cache.train_side = disk.finish(fingerprint) if disk is not None else stored
+        if disk is not None:
+            cache.fit_id = uuid.uuid4().hex
+            cache.train_side = disk.finish(fingerprint, cache.fit_id)
+        else:
+            cache.train_side = stored
     except BaseException:
         if disk is not None:
             disk.abandon()

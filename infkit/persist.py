@@ -96,6 +96,7 @@ def save(analysis, path: str | os.PathLike) -> Path:
             "store": analysis.store.kind,
             "projection": analysis.store.rank,
             "store_dir": str(analysis.store.folder.absolute()) if analysis.store.folder is not None else None,
+            "store_fit_id": cache.fit_id if cache is not None else None,
             "memory_budget": analysis.memory_budget,
         },
         "damping_used": analysis.estimator.damping_used,
@@ -252,10 +253,12 @@ def load(cls, path, model, task, train_data, progress: bool = True):
         modules=layer_names,
         progress=progress,
         cache_dtype=settings["cache_dtype"],
-        store=settings.get("store", "auto"),
+        # saves from before the compressed store hold the full train side, or none
+        store=settings.get("store", "full" if any(k.startswith("train/") for k in tensors) else "stream"),
         projection=settings.get("projection"),
         store_dir=settings.get("store_dir"),
-        memory_budget=settings.get("memory_budget"),
+        # a save from before the compressed store keeps its train side in memory, whatever this machine's budget
+        memory_budget=settings.get("memory_budget", 2**62),
         **settings["estimator_options"],
     )
     analysis.fisher_given = not settings.get("fisher_default", False)
@@ -272,7 +275,8 @@ def load(cls, path, model, task, train_data, progress: bool = True):
     factors = {k[len("factors/") :]: v.to(device) for k, v in tensors.items() if k.startswith("factors/")}
     train = {k[len("train/") :]: v.to(device) for k, v in tensors.items() if k.startswith("train/")}
     if analysis.store.on_disk:  # the save points to its store: checked against its checksums and fingerprint
-        train = store.open_store(analysis.store.folder, current)
+        train = store.open_store(analysis.store.folder, current, settings.get("store_fit_id"))
     analysis.restore(factors, train or None, meta["damping_used"], current, tensors.get("self_influence"))
+    analysis.cache.fit_id = settings.get("store_fit_id")
     analysis.timings.update({f"saved_{k}": v for k, v in meta.get("timings", {}).items()})
     return analysis

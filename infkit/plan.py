@@ -138,7 +138,7 @@ class Plan:
         if self.batch_seconds is not None:
             lines.append(f"  time: fit and store ~{format_seconds(self.estimated_seconds)} or more (one batch "
                          f"measured: {self.batch_seconds:.2f} s for forward + backward with captures; the estimator's "
-                         "products come on top; the progress bars update it as the passes run)")
+                         "products come on top; each pass's progress bar shows its time left)")
         if self.cache_train:
             lines.append(self.store_line())
         else:

@@ -11,7 +11,8 @@ flops per batch instead of B·T·d_out·d_in. Queries are projected the same way
 of projected sides. Two kinds:
 
 * **eigenbasis** (EK-FAC, K-FAC): P_out and P_in are the leading eigenvectors of the layer's Kronecker factors S and
-  A (rows of Q_Sᵀ and Q_Aᵀ), ranked by the row and column sums of the eigenvalue matrix Λ. In that basis the
+  A (rows of Q_Sᵀ and Q_Aᵀ), ranked by their eigenvalues λ_S and λ_A (known after the first pass, so EK-FAC's
+  second pass can fill the projected store, as it fills the full one). In that basis the
   preconditioner is diagonal, so the projected score is the full score summed over the kept eigen-pairs only:
   Σ_{i∈kept_S, j∈kept_A} q_ij g_ij / (Λ_ij + λ). What is dropped is the sum over the other pairs. A pair's
   expected contribution to a self-influence is Λ_ij / (Λ_ij + λ) (E[g_ij²] = Λ_ij): nearly 1 when Λ_ij ≫ λ, and
@@ -19,8 +20,9 @@ of projected sides. Two kinds:
   layer, the share of Σ Λ/(Λ+λ) the kept pairs hold; ``benchmarks/store.py`` measures what it does to scores.
 * **random** (identity, DataInf): P_out [k_out, d_out] and P_in [k_in, d_in] with i.i.d. N(0, 1/k) entries, drawn
   from a generator seeded by (seed, layer name): E[P_outᵀ P_out] = I and E[P_inᵀ P_in] = I, so inner products of
-  projected gradients are unbiased estimates of the full ones (Johnson-Lindenstrauss, for a Kronecker map), with
-  a relative error of about 1/√(k_out·k_in) per pair.
+  projected gradients are unbiased estimates of the full ones. Their error shrinks as 1/√k on each side but
+  depends on the gradients' structure: for a rank-one gradient (one token) it is about 2/√k, far from the
+  1/√(k_out·k_in) of a dense Gaussian map of the same output size.
 
 A side of a layer that fits (k ≥ d) is not projected at all: its matrix is the identity for random projections and
 the full eigenbasis for eigenbasis ones, so at k ≥ max(d_out, d_in) the projected scores equal the full scores.
@@ -78,12 +80,6 @@ def random_projection(layer, shape: tuple[int, int], seed: int) -> LayerProjecti
 def leading(eigenvalues: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest entries, in decreasing order (ties: the lower index first)."""
     return torch.sort(eigenvalues, descending=True, stable=True).indices[:k]
-
-
-def eigenbasis_kept(eigenvalues: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept rows (S directions) and columns (A directions) of Λ [d_out, d_in]: those with the largest sums."""
-    k_out, k_in = shape
-    return leading(eigenvalues.sum(dim=1), k_out), leading(eigenvalues.sum(dim=0), k_in)
 
 
 def kept_share(eigenvalues: torch.Tensor, damping: float, rows: torch.Tensor, columns: torch.Tensor) -> float:

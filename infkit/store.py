@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,8 @@ PROJECTIONS = (1024, 512, 256, 128, 64, 32, 16, 8, 4)
 DISK_PROJECTION = 64
 MANIFEST = "store.json"
 FORMAT = 1
+#: Seconds after which a leftover staging folder (a killed fit's) is deleted by the next store written beside it.
+STALE_PARTIAL = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,10 @@ def choose(n: int, layers, dtype: torch.dtype, budget: int, store: str, rank: in
         return on_disk("projected", shapes, rank, f"as asked; {where}: memory-mapped on disk")
     for k in PROJECTIONS:
         shapes = projected_shapes(layers, k)
-        if store_bytes(n, shapes, dtype) <= budget and store_dir is None:
+        if store_bytes(n, shapes, dtype) <= budget:
+            if store_dir is not None:
+                return on_disk("projected", shapes, k, "the largest projection that fits the memory budget; "
+                                                       "store_dir= given: memory-mapped on disk")
             return StoreChoice("projected", k, shapes, store_bytes(n, shapes, dtype),
                                reason="the largest projection that fits the memory budget")
     folder = Path(store_dir) if store_dir is not None else default_folder("projected", DISK_PROJECTION)
@@ -122,9 +129,9 @@ def choose(n: int, layers, dtype: torch.dtype, budget: int, store: str, rank: in
     fitting = [k for k in PROJECTIONS if k <= DISK_PROJECTION and store_bytes(n, projected_shapes(layers, k), dtype)
                <= free // 2]
     k = fitting[0] if fitting else PROJECTIONS[-1]
-    why = "the memory budget" + (" (store_dir= given)" if store_dir is not None else "")
     return on_disk("projected", projected_shapes(layers, k), k,
-                   f"no projection of up to {DISK_PROJECTION} fits {why}: memory-mapped on disk")
+                   f"no projection fits the memory budget: memory-mapped on disk, at the largest of up to "
+                   f"{DISK_PROJECTION} dimensions per side that leaves half the disk free")
 
 
 def free_bytes(folder: Path) -> int:
@@ -149,14 +156,37 @@ def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
+def foreign(folder: Path) -> str | None:
+    """Why ``folder`` is not a store infkit wrote (then it is never replaced), or None: it holds only
+    ``store.json`` and ``layer-*.npy`` files, or nothing."""
+    if not folder.exists():
+        return None
+    if not folder.is_dir() or folder.is_symlink():
+        return "it is not a folder"
+    others = sorted(p.name for p in folder.iterdir() if not (p.name == MANIFEST or re.fullmatch(r"layer-\d{4}\.npy",
+                                                                                                  p.name)))
+    if others:
+        return f"it holds files infkit does not write: {', '.join(others[:5])}"
+    return None
+
+
 class DiskStore:
-    """An on-disk store being written: memory-mapped tensors in a staging folder, renamed into place by
-    :meth:`finish` once flushed, fsync'd and checksummed. A killed fit leaves the previous store as it was."""
+    """An on-disk store being written: memory-mapped tensors in a staging folder beside the target, renamed into
+    place by :meth:`finish` once flushed, fsync'd and checksummed. A fit that fails or is interrupted leaves the
+    previous store as it was (a killed process leaves its ``.<name>.partial-*`` folder, deleted by the next store
+    written there)."""
 
     def __init__(self, folder: Path, n: int, shapes: dict[str, tuple[int, int]], dtype: torch.dtype):
         self.folder, self.n, self.shapes, self.dtype = Path(folder), n, dict(shapes), dtype
         need = store_bytes(n, shapes, dtype)
+        why = foreign(self.folder)
+        if why:  # before the fit, not after it
+            raise InfkitError(f"store_dir {self.folder} is not an infkit train-side store ({why}); give an empty or "
+                              "new folder")
         self.folder.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in self.folder.parent.glob(f".{self.folder.name}.partial-*"):
+            if time.time() - leftover.stat().st_mtime > STALE_PARTIAL:  # a killed fit's, not a running one's
+                shutil.rmtree(leftover, ignore_errors=True)
         free = free_bytes(self.folder.parent)
         if need > free:
             raise InfkitError(f"the on-disk train-side store needs {need / 2**30:.1f} GiB, but {self.folder.parent} "
@@ -172,10 +202,12 @@ class DiskStore:
             self.arrays[name] = array
             self.tensors[name] = _as_tensor(array, dtype)
 
-    def finish(self, fingerprint: dict) -> dict[str, torch.Tensor]:
-        """Flush and fsync every file, write ``store.json`` with checksums, move the folder into place; returns the
-        store reopened read-only from its final place."""
+    def finish(self, fingerprint: dict, fit_id: str) -> dict[str, torch.Tensor]:
+        """Flush and fsync every file, write ``store.json`` with checksums, the fingerprint and ``fit_id`` (which
+        fit wrote it: a save names it, so a store rewritten by another fit is refused), move the folder into place;
+        returns the store reopened from its final place."""
         from infkit.persist import sha256_file
+        from infkit.savefolder import _fsync
 
         files = {}
         for index, name in enumerate(self.shapes):
@@ -186,23 +218,31 @@ class DiskStore:
             files[name] = {"file": _file(index), "sha256": sha256_file(path)}
         del self.arrays, self.tensors
         manifest = {"format": FORMAT, "n": self.n, "dtype": str(self.dtype).replace("torch.", ""),
-                    "shapes": {name: list(shape) for name, shape in self.shapes.items()}, "files": files,
-                    "fingerprint": fingerprint}
-        (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+                    "layers": list(self.shapes), "shapes": {name: list(shape) for name, shape in self.shapes.items()},
+                    "files": files, "fingerprint": fingerprint, "fit_id": fit_id}
+        with open(self.staging / MANIFEST, "w") as f:
+            f.write(json.dumps(manifest, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(self.staging)
+        why = foreign(self.folder)
+        if why:
+            raise InfkitError(f"store_dir {self.folder} is not an infkit train-side store ({why}); give an empty or "
+                              "new folder")
+        old = self.folder.parent / f".{self.folder.name}.old-{uuid.uuid4().hex[:8]}"
         if self.folder.exists():
-            if not (self.folder / MANIFEST).exists():
-                shutil.rmtree(self.staging, ignore_errors=True)
-                raise InfkitError(f"{self.folder} exists and is not an infkit train-side store; give another "
-                                  "store_dir=")
-            shutil.rmtree(self.folder)
+            self.folder.rename(old)  # two renames: a kill between them leaves the old store beside, not lost
         self.staging.rename(self.folder)
-        return open_store(self.folder, fingerprint, verify=False)
+        _fsync(self.folder.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        return open_store(self.folder, fingerprint, fit_id, verify=False)
 
     def abandon(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def open_store(folder: Path, fingerprint: dict | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
+def open_store(folder: Path, fingerprint: dict | None = None, fit_id: str | None = None,
+               verify: bool = True) -> dict[str, torch.Tensor]:
     """The tensors of an on-disk store, memory-mapped (copy-on-write: the files are never changed); refused when a
     file is missing or (``verify``) its checksum differs, or when it was written for another model or data
     (``fingerprint``)."""
@@ -219,9 +259,13 @@ def open_store(folder: Path, fingerprint: dict | None = None, verify: bool = Tru
         if problems:
             raise InfkitError(f"the train-side store in {folder} was written for another model or data: "
                               + "; ".join(problems) + ". Fit the analysis again")
+    if fit_id is not None and manifest.get("fit_id") != fit_id:
+        raise InfkitError(f"the train-side store in {folder} was rewritten by another fit since this analysis was "
+                          "saved (another damping, Fisher or checkpoint?): fit the analysis again")
     dtype = getattr(torch, manifest["dtype"])
     tensors = {}
-    for name, entry in manifest["files"].items():
+    for name in manifest.get("layers", manifest["files"]):
+        entry = manifest["files"][name]
         path = folder / entry["file"]
         if not path.exists() or (verify and sha256_file(path) != entry["sha256"]):
             raise InfkitError(f"{path} is missing, truncated or was modified (its sha256 differs from the one "

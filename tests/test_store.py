@@ -98,14 +98,14 @@ def test_random_store_is_the_inner_product_of_projected_gradients(model):
 
 
 def test_datainf_store_runs_its_formula_on_projected_gradients(model):
-    """DataInf projected: C = (V̂ Γ̂ᵀ) ⊘ (λ + ‖g‖²), (V̂ − C Γ̂ / n) / λ, scored against Γ̂ — with the full
-    gradients' norms and the full-space λ = 0.1 · mean ‖g‖² / d."""
+    """DataInf projected: its formula on the projected gradients ĝ, C = (V̂ Γ̂ᵀ) ⊘ (λ + ‖ĝ‖²),
+    (V̂ − C Γ̂ / n) / λ, scored against Γ̂, with λ = 0.1 · mean ‖ĝ‖² / d (d the layer's full size: E‖ĝ‖² = ‖g‖²)."""
     an = make(model, "datainf", damping=None, store="projected", projection=5).fit()
     train, queries = dense_grads(model, an, TRAIN), dense_grads(model, an, QUERIES)
     expected = torch.zeros(len(QUERIES), len(TRAIN), dtype=torch.float64)
     for name, layer in an.layers.items():
         g_hat, v_hat = project(an, name, train[name]).flatten(1), project(an, name, queries[name]).flatten(1)
-        norms = train[name].flatten(1).square().sum(dim=1)
+        norms = g_hat.square().sum(dim=1)
         lam = 0.1 * float(norms.mean()) / layer.n_params
         assert an.estimator.damping_used[name] == pytest.approx(lam, rel=1e-5)
         solved = (v_hat - ((v_hat @ g_hat.T) / (lam + norms)) @ g_hat / len(TRAIN)) / lam
@@ -181,6 +181,45 @@ def test_a_damaged_disk_store_is_refused_on_load(model, tmp_path):
         Analysis.load(saved, model, tasks.CausalLM(), TRAIN, progress=False)
 
 
+def test_a_full_store_on_disk_and_in_bfloat16(model, tmp_path):
+    memory = make(model).fit()
+    disk = make(model, store="full", store_dir=tmp_path / "full").fit()
+    assert disk.store.kind == "full" and disk.cache.folder is not None and not disk.cache.projected
+    assert_close(disk.scores(QUERIES).scores, memory.scores(QUERIES).scores, rel=1e-6)
+    half = make(model, store="projected", projection=5, cache_dtype="bfloat16", store_dir=tmp_path / "half").fit()
+    assert half.cache.train_side["transformer.h.1.mlp.c_fc"].dtype == torch.bfloat16
+    in_memory = make(model, store="projected", projection=5, cache_dtype="bfloat16").fit()
+    assert_close(half.scores(QUERIES).scores, in_memory.scores(QUERIES).scores, rel=1e-6)
+
+
+def test_a_store_dir_that_is_not_a_store_is_refused_before_the_fit(model, tmp_path):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "chapter1.tex").write_text("years of work")
+    with pytest.raises(InfkitError, match="not an infkit train-side store"):
+        make(model, store="projected", projection=5, store_dir=folder).fit()
+    assert (folder / "chapter1.tex").read_text() == "years of work"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert make(model, store="projected", projection=5, store_dir=empty).fit().cache.folder == empty
+
+
+def test_a_store_rewritten_by_another_fit_is_refused_by_the_save(model, tmp_path):
+    """Two fits with other settings into one store_dir: the first one's save no longer matches its store."""
+    folder = tmp_path / "store"
+    saved = make(model, store="projected", projection=5, store_dir=folder).fit().save(tmp_path / "a")
+    make(model, store="projected", projection=5, store_dir=folder, damping=1e-1).fit()
+    with pytest.raises(InfkitError, match="rewritten by another fit"):
+        Analysis.load(saved, model, tasks.CausalLM(), TRAIN, progress=False)
+
+
+def test_default_disk_folders_differ_by_settings_and_model(model, cache_dir):
+    first = make(model, memory_budget=100).fit()
+    other_damping = make(model, memory_budget=100, damping=1e-1).fit()
+    assert first.cache.folder != other_damping.cache.folder
+    assert first.scores(QUERIES).scores.isfinite().all()  # its store was not overwritten
+
+
 def test_an_interrupted_fit_leaves_the_previous_disk_store(model, tmp_path, monkeypatch):
     folder = tmp_path / "store"
     first = make(model, fisher="sampled", store="projected", projection=5, store_dir=folder).fit()
@@ -233,6 +272,8 @@ def test_estimators_without_a_projected_store_say_so(model):
         make(model, store="full", projection=4)
     with pytest.raises(InfkitError, match="store='everything' is not one of"):
         make(model, store="everything")
+    with pytest.raises(InfkitError, match="cache=False keeps no train-side store"):
+        make(model, cache=False, store="projected")
 
 
 def test_projected_quality_on_this_model_is_reported(model, report):

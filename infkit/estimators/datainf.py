@@ -43,32 +43,17 @@ def stored_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def squared_norms(activations: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
-    """‖Σ_t s_t a_tᵀ‖² of each example from its tokens, [B]: Σ_{t,t'} (s_t·s_t')(a_t·a_t'), without the gradient."""
-    if activations.shape[1] == 1:
-        return activations[:, 0].square().sum(-1) * output_grads[:, 0].square().sum(-1)
-    gram_a = activations @ activations.transpose(1, 2)
-    gram_s = output_grads @ output_grads.transpose(1, 2)
-    return (gram_a * gram_s).sum(dim=(1, 2))
-
-
-def stacked_gradients(passes, layers, desc: str, projections=None) -> tuple[dict[str, torch.Tensor],
-                                                                             dict[str, torch.Tensor]]:
-    """Every train example's gradient of each layer under the curvature's labels, flattened and stacked —
+def stacked_gradients(passes, layers, desc: str, projections=None) -> dict[str, torch.Tensor]:
+    """Every train example's gradient of each layer under the curvature's labels, flattened and stacked:
     {layer: [n, d_l]}, or {layer: [n, k_out·k_in]} projected when ``projections`` are given (formed from the tokens,
-    never in full) — and the squared norms of the full gradients {layer: [n]}; float32, or float64 for a float64
-    model; one pass."""
+    never in full); float32, or float64 for a float64 model; one pass."""
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    norms: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     for cb in passes.iterate(Labels.CURVATURE, desc=desc):
         for name in layers:
             a, s = cb.activations[name], cb.output_grads[name]
             g = projections[name].of_tokens(a, s) if projections else cb.grads(name)
             parts[name].append(g.reshape(g.shape[0], -1).to(stored_dtype(g.dtype)))
-            norms[name].append((squared_norms(a, s) if projections else parts[name][-1].square().sum(dim=1))
-                               .to(stored_dtype(g.dtype)))
-    stacked = {name: torch.cat(parts.pop(name)) for name in list(parts)}  # free the pieces as we go
-    return stacked, {name: torch.cat(values) for name, values in norms.items()}
+    return {name: torch.cat(parts.pop(name)) for name in list(parts)}  # free the pieces as we go
 
 
 def no_lora_warning(layers, estimator: str) -> None:
@@ -105,16 +90,16 @@ class DataInf(Estimator):
             total += element * n_train * (k_out * k_in + 1)
         return total
 
-    # A projected store: seeded Gaussian projections; the formula then runs on projected gradients (its inner
-    # products estimated in the projected space), with the full gradients' norms and λ.
+    # A projected store: seeded Gaussian projections ĝ = P_out g P_inᵀ, and the formula runs on them as if they were
+    # the gradients (E‖ĝ‖² = ‖g‖², so λ = 0.1 · mean ‖ĝ‖² / d_l, d_l the layer's full size, estimates the full λ).
     projection_kind = "random"
 
     def fit(self, passes, keep=None):
         projections = self.projections if self.projected_shapes is not None else None
-        stacked_all, norms_all = stacked_gradients(passes, self.layers, "datainf: per-example gradients", projections)
-        for name, stacked in stacked_all.items():
+        for name, stacked in stacked_gradients(passes, self.layers, "datainf: per-example gradients",
+                                               projections).items():
             layer = self.layers[name]
-            norms = norms_all[name]
+            norms = stacked.square().sum(dim=1)
             self.gradients[name], self.squared_norms[name] = stacked, norms
             heuristic = DAMPING_FRACTION * float(norms.double().mean()) / layer.n_params
             self.resolve_damping(name, heuristic)

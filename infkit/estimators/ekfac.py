@@ -33,7 +33,7 @@ def divide_rows(stored: torch.Tensor, denominator: torch.Tensor, chunk: int = 40
     """stored[i] /= denominator for every row, in place, a chunk of rows at a time (the store may be a memory map
     on disk: no full-size temporary)."""
     for start in range(0, stored.shape[0], chunk):
-        stored[start : start + chunk] /= denominator.to(stored.dtype)
+        stored[start : start + chunk] /= denominator.to(device=stored.device, dtype=stored.dtype)
 
 
 class KroneckerEigenbasis(Estimator):

@@ -129,7 +129,7 @@ class Exact(Estimator):
                                  rows_at=torch.as_tensor(cb.indices, device=device))
                 if keep is not None:  # these are the train gradients: the cached train side as well
                     for name, store in keep.items():
-                        store[cb.indices] = grads[name].to(store.dtype)
+                        store[cb.indices] = grads[name].to(device=store.device, dtype=store.dtype)
         else:
             keep = None
             rows: list[torch.Tensor] = []  # GGN rows Jᵀ R[:, c] of one batch, gathered into large updates

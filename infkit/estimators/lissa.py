@@ -124,7 +124,7 @@ class LiSSA(Estimator):
 
     # -- fit ----------------------------------------------------------------------------------------------------
     def fit(self, passes, keep=None):
-        flat, _ = stacked_gradients(passes, self.layers, "lissa: per-example gradients")
+        flat = stacked_gradients(passes, self.layers, "lissa: per-example gradients")
         if keep is not None and passes.fisher == "empirical":  # these are the train gradients
             for name, store in keep.items():
                 store.copy_(flat[name].reshape(store.shape).to(store.dtype))
