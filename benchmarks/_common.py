@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -97,6 +99,25 @@ def conv1d_to_linear(model: nn.Module) -> nn.Module:
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, name.rsplit(".", 1)[-1], linear)
     return model
+
+
+# -- timing -----------------------------------------------------------------------------------------------------
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall-clock seconds of ``fn(k)`` for k = 0 .. repeats - 1 (each call may use a new input)."""
+    times = []
+    for k in range(repeats):
+        start = time.perf_counter()
+        fn(k)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_backward(model, query) -> None:
+    """One forward+backward of a causal-LM query through the model alone: the floor of a re-query."""
+    ids = query["input_ids"][None]
+    logits = model(input_ids=ids).logits[0, :-1]
+    torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
+    model.zero_grad(set_to_none=True)
 
 
 # -- memory -----------------------------------------------------------------------------------------------------

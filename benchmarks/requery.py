@@ -10,7 +10,6 @@ Run: .venv/bin/python benchmarks/requery.py  (about 2-4 minutes on 2 cores)
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
 import time
@@ -19,7 +18,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OUTPUT_DIR, build_gpt2, gpt2_config, markdown_table, markov_sequences, train_briefly  # noqa: E402
+from _common import (  # noqa: E402
+    OUTPUT_DIR,
+    build_gpt2,
+    forward_backward,
+    gpt2_config,
+    markdown_table,
+    markov_sequences,
+    median_seconds,
+    train_briefly,
+)
 
 from infkit import Analysis, tasks  # noqa: E402
 from infkit.cache import format_bytes  # noqa: E402
@@ -27,22 +35,6 @@ from infkit.cache import format_bytes  # noqa: E402
 N_TRAIN = 2000
 LENGTH = 32
 REPEATS = 7
-
-
-def median_seconds(fn, repeats: int = REPEATS) -> float:
-    times = []
-    for k in range(repeats):
-        start = time.perf_counter()
-        fn(k)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def forward_backward(model, query) -> None:
-    ids = query["input_ids"][None]
-    logits = model(input_ids=ids).logits[0, :-1]
-    torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
-    model.zero_grad(set_to_none=True)
 
 
 def lora_model(width: int):
@@ -67,8 +59,8 @@ def measure(label: str, model, estimator: str, train, queries) -> list[str]:
     an.fit()
     fit_seconds = time.perf_counter() - start
     an.scores([queries[-1]])  # warm-up
-    cached = median_seconds(lambda k: an.scores([queries[k]]))
-    floor = median_seconds(lambda k: forward_backward(model, queries[k]))
+    cached = median_seconds(lambda k: an.scores([queries[k]]), REPEATS)
+    floor = median_seconds(lambda k: forward_backward(model, queries[k]), REPEATS)
     train_side = an.cache.train_side
     an.cache.train_side = None  # the same fitted analysis, streaming the train data instead
     streamed = median_seconds(lambda k: an.scores([queries[k]]), repeats=2)

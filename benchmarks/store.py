@@ -29,9 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     build_gpt2,
+    forward_backward,
     gpt2_config,
     markdown_table,
     markov_sequences,
+    median_seconds,
     pearson,
     publish,
     spearman,
@@ -52,22 +54,6 @@ def model_for(name: str):
                                    positions=LENGTH), seed=0)
     train_briefly(model, markov_sequences(512, 256, LENGTH, seed=1), steps=60)
     return model
-
-
-def forward_backward(model, query) -> None:
-    ids = query["input_ids"][None]
-    logits = model(input_ids=ids).logits[0, :-1]
-    torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
-    model.zero_grad(set_to_none=True)
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for k in range(repeats):
-        start = time.perf_counter()
-        fn(k)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def quality(projected: torch.Tensor, full: torch.Tensor) -> tuple[float, float, float]:
