@@ -231,6 +231,13 @@ class Analysis:
         if self.store.kind == "projected":
             self.estimator.use_projection(self.store.shapes, self.seed)
 
+    def use_store_shapes(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """Take the projected store's per-layer shapes a fit chose (a save's), before restoring its tensors."""
+        if set(shapes) != set(self.layers):
+            raise InfkitError("the saved store's layers are not the tracked layers: fit the analysis again")
+        self.store = dataclasses.replace(self.store, shapes=dict(shapes))
+        self.estimator.projected_shapes = dict(shapes)
+
     def _default_store_folder(self, kind: str, rank: int | None, fitted_on: dict | None = None) -> Path:
         """$INFKIT_CACHE_DIR/stores/<estimator>-<kind>[k]-n<n>-<hash of the layers' shapes and the settings>, and
         once fitting, -<hash of the model's state and the data> (so fits of other checkpoints or settings never
@@ -288,16 +295,18 @@ class Analysis:
             print(plan.summary())
         start = time.perf_counter()
         fills = plan.cache_train and self.estimator.fills_train_side(self.fisher)
-        keep, disk = caches.allocate_train_side(self, self.store) if fills else (None, None)
+        keep = caches.TrainSideSlots(self, self.store) if fills else None
         try:
             fitted = self.estimator.fit(self.train_passes, keep=keep)
         except BaseException:
-            if disk is not None:
-                disk.abandon()
+            if keep is not None and keep.disk is not None:
+                keep.disk.abandon()
             raise
+        if self.store.kind == "projected":  # an eigenbasis projection's pairs per layer are chosen by the fit
+            self.store = dataclasses.replace(self.store, shapes=dict(self.estimator.projected_shapes))
         self.timings["fit"] = time.perf_counter() - start
         start = time.perf_counter()
-        self.cache = caches.build(self, self.store, fitted, fitted_on, disk)
+        self.cache = caches.build(self, self.store, fitted, fitted_on, keep.disk if keep is not None else None)
         self.timings["cache"] = time.perf_counter() - start
         self.batch_size = self.train_passes.batch_size  # reduced if a batch ran out of memory
         self._staleness = Staleness(self, fitted_on)

@@ -19,7 +19,9 @@ so a cache from another model or other data is refused with a message saying wha
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,35 @@ def allocate_train_side(analysis, choice: StoreChoice) -> tuple[dict[str, torch.
             for name, (k_out, k_in) in choice.shapes.items()}, None
 
 
+class TrainSideSlots(Mapping):
+    """The empty train side {layer: [n_train, k_out, k_in]} a fit fills (``Estimator.fit(keep=...)``), allocated on
+    first access: an estimator that chooses its projection during the fit (EK-FAC, after its first pass: the pairs
+    kept per layer) gets the shapes it chose. ``choice`` is then the store with those shapes, ``disk`` the on-disk
+    store when there is one (None until allocated)."""
+
+    def __init__(self, analysis, choice: StoreChoice):
+        self.analysis, self.choice = analysis, choice
+        self.tensors: dict[str, torch.Tensor] | None = None
+        self.disk: DiskStore | None = None
+
+    def _allocated(self) -> dict[str, torch.Tensor]:
+        if self.tensors is None:
+            estimator = self.analysis.estimator
+            if self.choice.kind == "projected":
+                self.choice = dataclasses.replace(self.choice, shapes=dict(estimator.projected_shapes))
+            self.tensors, self.disk = allocate_train_side(self.analysis, self.choice)
+        return self.tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._allocated()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._allocated())
+
+    def __len__(self) -> int:
+        return len(self.choice.shapes)
+
+
 def build(analysis, choice: StoreChoice, fitted: Fitted, fingerprint: dict[str, Any],
           disk: DiskStore | None = None) -> Cache:
     """The cache of a fitted analysis: the fit's state, and the train side as ``choice`` says — the one the fit
@@ -91,7 +122,7 @@ def build(analysis, choice: StoreChoice, fitted: Fitted, fingerprint: dict[str, 
     if choice.kind == "stream":
         cache.fallback = choice.reason
         return cache
-    stored = fitted.train_side
+    stored = dict(fitted.train_side) if fitted.train_side is not None else None
     try:
         if stored is None:
             if disk is None:

@@ -95,6 +95,7 @@ def save(analysis, path: str | os.PathLike) -> Path:
             "estimator_options": analysis.estimator_options,
             "store": analysis.store.kind,
             "projection": analysis.store.rank,
+            "store_shapes": {name: list(shape) for name, shape in analysis.store.shapes.items()},
             "store_dir": str(analysis.store.folder.absolute()) if analysis.store.folder is not None else None,
             "store_fit_id": cache.fit_id if cache is not None else None,
             "memory_budget": analysis.memory_budget,
@@ -262,6 +263,8 @@ def load(cls, path, model, task, train_data, progress: bool = True):
         **settings["estimator_options"],
     )
     analysis.fisher_given = not settings.get("fisher_default", False)
+    if analysis.store.kind == "projected" and "store_shapes" in settings:  # the fit chose them (eigenbasis pairs)
+        analysis.use_store_shapes({name: tuple(shape) for name, shape in settings["store_shapes"].items()})
     current = fingerprint(analysis)
     problems = describe_mismatch(meta["fingerprint"], current)
     if problems:

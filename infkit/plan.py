@@ -84,6 +84,7 @@ class Plan:
     batch_size: int = 1
     device_bytes: int = 0
     store: StoreChoice | None = None  # where and how the train side is kept (infkit.store)
+    projection: str | None = None  # the estimator's projection kind ("eigenbasis", "random"; infkit.projection)
     batch_seconds: float | None = None  # one measured batch: forward + backward with captures (plan(measure=True))
 
     @property
@@ -113,9 +114,14 @@ class Plan:
             text = f"full, {format_bytes(store.bytes)} {where}"
         else:
             ratio = self.train_cache_bytes / max(store.bytes, 1)
-            text = (f"projected to at most {store.rank} dimensions per side of each layer, "
-                    f"{format_bytes(store.bytes)} {where}, against {format_bytes(self.train_cache_bytes)} full "
-                    f"({ratio:,.0f}x smaller)")
+            if self.projection == "eigenbasis":
+                pairs = sum(k_out * k_in for k_out, k_in in store.shapes.values())
+                what = (f"the {pairs:,} leading eigen-pairs of all layers by K-FAC eigenvalue (as many as "
+                        f"{store.rank} x {store.rank} per layer)")
+            else:
+                what = f"at most {store.rank} dimensions per side of each layer (seeded Gaussian)"
+            text = (f"projected to {what}, {format_bytes(store.bytes)} {where}, against "
+                    f"{format_bytes(self.train_cache_bytes)} full ({ratio:,.0f}x smaller)")
         # the budget depends on the machine: named only where it decided something
         in_budget = store.kind == "full" and not store.on_disk
         budget = "" if in_budget else f", memory budget {format_bytes(self.memory_budget)}"
@@ -174,6 +180,7 @@ def make_plan(analysis, batch_seconds: float | None = None) -> Plan:
         memory_budget=analysis.memory_budget,
         cache_train=store.kind != "stream",
         store=store,
+        projection=est.projection_kind,
         fit_passes=est.fit_passes,
         cache_passes=0 if est.fills_train_side(analysis.fisher) else 1,
         device=str(analysis.device),

@@ -60,31 +60,82 @@ def project(an, name, grads):
 @pytest.mark.parametrize("estimator", ["ekfac", "kfac"])
 def test_eigenbasis_store_is_the_estimator_summed_over_the_kept_eigenpairs(model, estimator):
     """EK-FAC / K-FAC with a projected store: Σ over the kept (i, j) of (Q_Sᵀ Vq Q_A)_ij (Q_Sᵀ G Q_A)_ij / (Λ_ij + λ),
-    the kept pairs being the leading eigenvectors of S and A."""
+    the kept pairs being the 6 x 6 per layer's total of pairs with the largest K-FAC eigenvalue T̄ λ_S,i λ_A,j
+    across the layers, at least one per layer."""
     an = make(model, estimator, store="projected", projection=6).fit()
     est = an.estimator
     train, queries = dense_grads(model, an, TRAIN), dense_grads(model, an, QUERIES)
     expected = torch.zeros(len(QUERIES), len(TRAIN), dtype=torch.float64)
     full = torch.zeros_like(expected)
+    values = {name: est.mean_tokens[name] * torch.outer(est.eigvals_s[name].clamp(min=0),
+                                                        est.eigvals_a[name].clamp(min=0)) for name in an.layers}
+    kept_masks = {}
     for name in an.layers:
         q_s, q_a = est.eigvecs_s[name].double(), est.eigvecs_a[name].double()
         denominator = est.eigenvalues[name].double() + est.damping_used[name]
         rotated_q, rotated_g = q_s.T @ queries[name] @ q_a, q_s.T @ train[name] @ q_a
         rows, columns = est.kept[name]
-        for kept_dirs, eigvals in ((rows, est.eigvals_s[name]), (columns, est.eigvals_a[name])):
-            dropped = torch.ones(len(eigvals), dtype=torch.bool)
-            dropped[kept_dirs] = False
-            assert eigvals[kept_dirs].min() >= eigvals[dropped].max()  # the leading directions are kept
         kept = torch.zeros_like(denominator, dtype=torch.bool)
-        kept[rows[:, None], columns[None, :]] = True
+        kept[rows, columns] = True
+        assert int(kept.sum()) == len(rows) >= 1  # distinct pairs, at least one per layer
+        kept_masks[name] = kept
         terms = rotated_q[:, None] * rotated_g[None] / denominator  # [Q, n, d_out, d_in]
         expected += (terms * kept).sum(dim=(2, 3))
         full += terms.sum(dim=(2, 3))
+    sizes = [len(est.kept[name][0]) for name in an.layers]
+    assert sum(sizes) == len(an.layers) * 6 * 6  # the bytes of 6 x 6 in every layer
+    assert len(set(sizes)) > 1  # shared across the layers, not 36 each
+    # every kept pair's value is at least every dropped pair's, except the one a layer always keeps
+    kept_values = torch.cat([values[n][kept_masks[n]] for n in an.layers])
+    dropped_values = torch.cat([values[n][~kept_masks[n]] for n in an.layers])
+    assert kept_values.sort().values[len(an.layers)] >= dropped_values.max()
+    assert an.store.shapes == {name: (1, len(est.kept[name][0])) for name in an.layers}
     result = an.scores(QUERIES)
     assert_close(result.scores, expected, rel=1e-4)
     assert (expected - full).abs().max() > 1e-3 * full.abs().max()  # the projection does drop something here
     shares = est.kept_shares
     assert set(shares) == set(an.layers) and all(0 < v <= 1 for v in shares.values()) and min(shares.values()) < 1
+
+
+def test_leading_pairs_share_the_budget_across_layers():
+    """The largest entries across layers, each layer's largest always in, ties to the earlier layer."""
+    from infkit.projection import leading_pairs
+
+    values = {"a": torch.tensor([[9.0, 1.0], [8.0, 0.5]]), "b": torch.tensor([[0.1, 7.0, 2.0]]),
+              "c": torch.tensor([[0.01]])}
+    kept = leading_pairs(values, 5)
+    assert [list(zip(r.tolist(), c.tolist())) for r, c in kept.values()] == [[(0, 0), (1, 0)], [(0, 1), (0, 2)],
+                                                                            [(0, 0)]]
+    tied = leading_pairs({"a": torch.ones(2, 2), "b": torch.ones(1, 2)}, 4)
+    assert [len(r) for r, _ in tied.values()] == [3, 1]
+    assert [len(r) for r, _ in leading_pairs(values, 100).values()] == [4, 3, 1]  # all of them
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_pair_projection_of_tokens_of_grads_and_lift_agree(dense, monkeypatch):
+    """A pair projection from a batch's tokens equals the kept entries of Q_Sᵀ G Q_A, by either path, and its lift
+    is the adjoint: ⟨lift(x), G⟩ = ⟨x, projected G⟩."""
+    from infkit import projection
+
+    monkeypatch.setattr(projection, "DENSE_PAIRS", 10**9 if dense else 0)
+    monkeypatch.setattr(projection, "PAIR_CHUNK", 7 * 5)  # several chunks of pairs
+    g = torch.Generator().manual_seed(0)
+    q_s = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
+    q_a = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    kept_out, kept_in = torch.tensor([5, 0, 5, 2, 0]), torch.tensor([1, 1, 3, 0, 2])
+    p = projection.PairProjection.of_pairs(q_s, q_a, kept_out, kept_in)
+    a = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
+    s = torch.randn(3, 7, 6, generator=g, dtype=torch.float64)
+    grads = torch.einsum("bto,bti->boi", s, a)
+    expected = (q_s.T @ grads @ q_a)[:, kept_out, kept_in].unsqueeze(1)
+    assert p.shape == (1, 5)
+    assert_close(p.of_tokens(a, s), expected, rel=1e-12)
+    assert_close(p.of_grads(grads), expected, rel=1e-12)
+    x = torch.randn(2, 1, 5, generator=g, dtype=torch.float64)
+    lifted = p.lift(x)
+    assert lifted.shape == (2, 6, 4)
+    assert_close(torch.einsum("qoi,boi->qb", lifted, grads), torch.einsum("qm,bm->qb", x[:, 0], expected[:, 0]),
+                 rel=1e-12)
 
 
 def test_random_store_is_the_inner_product_of_projected_gradients(model):
@@ -251,7 +302,11 @@ def test_plan_chooses_the_largest_projection_that_fits(model):
     larger = [k for k in (1024, 512, 256, 128, 64, 32, 16, 8) if k > plan.store.rank]
     assert all(make(model, store="projected", projection=k).plan().store.bytes > full_bytes // 4 for k in larger)
     text = plan.summary()
-    assert f"projected to at most {plan.store.rank} dimensions" in text and "x smaller" in text
+    pairs = sum(k_out * k_in for k_out, k_in in plan.store.shapes.values())
+    assert f"projected to the {pairs:,} leading eigen-pairs" in text and "x smaller" in text
+    assert f"{plan.store.rank} x {plan.store.rank} per layer" in text
+    random_plan = make(model, "identity", memory_budget=full_bytes // 4).plan().summary()
+    assert "at most 8 dimensions per side of each layer (seeded Gaussian)" in random_plan
     assert make(model, memory_budget=full_bytes).plan().store.kind == "full"
 
 

@@ -155,7 +155,8 @@ class Estimator:
     # -- a projected train-side store (infkit.projection) --------------------------------------------------------
     def use_projection(self, shapes: dict[str, tuple[int, int]], seed: int) -> None:
         """Score through projected gradients of these (k_out, k_in) shapes. Random projections are drawn now (so
-        a fit can stack projected gradients); eigenbasis ones are chosen by the fit."""
+        a fit can stack projected gradients); eigenbasis ones are chosen by the fit, which shares the shapes'
+        total size across layers and sets ``projected_shapes`` to [1, pairs kept] per layer."""
         if self.projection_kind is None:
             raise InfkitError(f"the {self.name!r} estimator has no projected store (its curvature is not "
                               "diagonal in any projection); use store='full' or store='stream'")
@@ -196,8 +197,7 @@ class Estimator:
         if self.projected_shapes is None:
             return self.precondition(grads)
         preconditioned = self.finish_projected_train(self.projected_query_side(grads))  # ⟨Ṽ̂, ĝ⟩ = the score
-        return {name: (self.projections[name].p_out.T.to(v) @ v @ self.projections[name].p_in.to(v)).to(grads[name])
-                for name, v in preconditioned.items()}
+        return {name: self.projections[name].lift(v).to(grads[name]) for name, v in preconditioned.items()}
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         """``state()`` and, with a projected store, the projection (what a save holds of the estimator)."""
@@ -228,8 +228,9 @@ class Estimator:
         """Fit the curvature on ``passes`` (an :class:`infkit.passes.DataPasses` over the train data).
 
         ``keep`` is given only when ``fills_train_side`` said yes and the train side will be cached: empty
-        tensors {layer: [n_train, d_out, d_in]} for the fit to fill with ``train_side`` of every example, handed
-        back in the returned ``Fitted.train_side``."""
+        tensors {layer: [n_train, d_out, d_in]} (or the projected shapes) for the fit to fill with ``train_side``
+        of every example, handed back in the returned ``Fitted.train_side``. It is a mapping allocated on first
+        access (:class:`infkit.cache.TrainSideSlots`), so a fit that chooses its projection first gets its shapes."""
         raise NotImplementedError
 
     def fitted(self, train_side: Grads | None = None) -> Fitted:

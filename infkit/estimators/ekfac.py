@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from infkit.errors import InfkitError
 from infkit.estimators.base import Estimator, Grads, Side, register
-from infkit.projection import LayerProjection, kept_share, leading
+from infkit.projection import PairProjection, kept_share, leading_pairs
 from infkit.tasks.base import Labels
 
 #: The damping heuristic of Grosse et al. 2023: a tenth of the mean eigenvalue of each layer's block.
@@ -54,7 +54,8 @@ class KroneckerEigenbasis(Estimator):
         self.eigenvalues: dict[str, torch.Tensor] = {}  # Λ [d_out, d_in]
         self.mean_tokens: dict[str, float] = {}  # T̄: real positions per example
         self.n_examples = 0
-        # with a projected store: the kept rows of Λ (S directions) and columns (A directions) per layer
+        # with a projected store: the kept eigen-pairs per layer, (rows of Λ [m], columns of Λ [m]), i.e. the
+        # S and A eigenvector of each pair
         self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.kept_shares: dict[str, float] = {}  # share of Σ Λ/(Λ+λ) the kept pairs hold (projection.kept_share)
 
@@ -99,12 +100,21 @@ class KroneckerEigenbasis(Estimator):
             self.choose_projection()
 
     def choose_projection(self) -> None:
-        """Keep, per layer, the k_out leading eigenvectors of S and the k_in leading ones of A (by λ_S, λ_A)."""
-        for name, (k_out, k_in) in self.projected_shapes.items():
-            rows, columns = leading(self.eigvals_s[name], k_out), leading(self.eigvals_a[name], k_in)
-            self.kept[name] = (rows, columns)
-            q_s, q_a = self.eigvecs_s[name], self.eigvecs_a[name]
-            self.projections[name] = LayerProjection(q_s[:, rows].T, q_a[:, columns].T)
+        """Keep the eigen-pairs with the largest K-FAC eigenvalue T̄·λ_S,i·λ_A,j across all layers, as many as the
+        planned (k_out, k_in) shapes hold in all (at least one per layer: :func:`infkit.projection.leading_pairs`);
+        each layer's store is then [1, m_layer]."""
+        budget = sum(k_out * k_in for k_out, k_in in self.projected_shapes.values())
+        values = {name: self.mean_tokens[name] * torch.outer(self.eigvals_s[name].clamp(min=0),
+                                                             self.eigvals_a[name].clamp(min=0))
+                  for name in self.projected_shapes}
+        self.kept = leading_pairs(values, budget)
+        self.build_pair_projections()
+
+    def build_pair_projections(self) -> None:
+        """The projections and store shapes of the kept pairs (after choosing them, or loading them)."""
+        self.projections = {name: PairProjection.of_pairs(self.eigvecs_s[name], self.eigvecs_a[name], rows, columns)
+                            for name, (rows, columns) in self.kept.items()}
+        self.projected_shapes = {name: projection.shape for name, projection in self.projections.items()}
 
     def planned_factor_bytes(self, n_train: int) -> int:
         # float64: A, S, their eigenvectors, their eigenvalues, and Λ
@@ -179,13 +189,14 @@ class KroneckerEigenbasis(Estimator):
 
     # -- the projected store: the kept eigen-pairs only ---------------------------------------------------------
     def _kept_denominator(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Λ + λ of the kept pairs, [1, m]."""
         rows, columns = self.kept[name]
-        return (self.eigenvalues[name] + self.damping_used[name])[rows][:, columns].to(like)
+        return (self.eigenvalues[name] + self.damping_used[name])[rows, columns].unsqueeze(0).to(like)
 
     def restrict(self, name: str, rotated: torch.Tensor) -> torch.Tensor:
-        """The kept eigen-pairs of rotated gradients Q_Sᵀ G Q_A [B, d_out, d_in] -> [B, k_out, k_in]."""
+        """The kept eigen-pairs of rotated gradients Q_Sᵀ G Q_A [B, d_out, d_in] -> [B, 1, m]."""
         rows, columns = self.kept[name]
-        return rotated[:, rows.to(rotated.device)][:, :, columns.to(rotated.device)]
+        return rotated[:, rows.to(rotated.device), columns.to(rotated.device)].unsqueeze(1)
 
     def finish_projected_train(self, projected):
         return {name: g / self._kept_denominator(name, g) for name, g in projected.items()}
@@ -195,21 +206,22 @@ class KroneckerEigenbasis(Estimator):
         return sum((stored[name].double().square() * self._kept_denominator(name, stored[name]).double())
                    .flatten(1).sum(dim=1) for name in stored)
 
+    # A save holds the kept pairs only: their projections are columns of the saved eigenvectors.
     def projection_state(self):
-        tensors = super().projection_state()
+        tensors = {}
         for name, (rows, columns) in self.kept.items():
             tensors[f"{name}/kept_out"], tensors[f"{name}/kept_in"] = rows, columns
         return tensors
 
     def load_projection_state(self, state):
-        super().load_projection_state(state)
         if self.projected_shapes is not None:
             self.kept = {name: (state[f"{name}/kept_out"], state[f"{name}/kept_in"]) for name in self.layers}
+            self.build_pair_projections()
 
     def projection_state_shapes(self):
-        shapes = super().projection_state_shapes()
-        for name, (k_out, k_in) in (self.projected_shapes or {}).items():
-            shapes[f"{name}/kept_out"], shapes[f"{name}/kept_in"] = (k_out,), (k_in,)
+        shapes = {}
+        for name, (_, m) in (self.projected_shapes or {}).items():
+            shapes[f"{name}/kept_out"], shapes[f"{name}/kept_in"] = (m,), (m,)
         return shapes
 
     def state(self):
