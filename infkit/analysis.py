@@ -36,6 +36,7 @@ from infkit.capture import (
     tracked_summary,
     untrained_lora,
 )
+from infkit.distributed import SINGLE, check_same_everywhere, resolve_world, unwrap_model
 from infkit.errors import InfkitError
 from infkit.estimators import make_estimator
 from infkit.estimators.base import Damping, Grads, plain_number
@@ -43,6 +44,7 @@ from infkit.fingerprint import Staleness, fingerprint
 from infkit.passes import DataPasses, data_length, is_out_of_memory, model_device
 from infkit.plan import Plan, check_fits_device, default_memory_budget, make_plan, resolve_cache_dtype
 from infkit.result import InfluenceResult, Ranked, TokenScores, Top
+from infkit.shards import shard_folder
 from infkit.tasks.base import Labels, Task
 
 FISHER_KINDS = ("sampled", "empirical")
@@ -106,6 +108,14 @@ class Analysis:
         cache_dtype: "float32" (default) or "bfloat16" for the stored train side (half the bytes, ~3 significant
             digits per entry).
         memory_budget: bytes the train-side store may take in memory; default a quarter of the device's memory.
+        fit_data: the data to fit the curvature on, when it is not ``train_data`` (e.g. a large sample of the
+            pretraining data, while ``train_data`` is the fine-tuning set whose influence is asked): the estimator
+            fits on ``fit_data``, and the store and every score cover ``train_data`` (one more pass). Default: the
+            curvature is fitted on ``train_data``.
+        distributed: None (default): inside a torchrun job (a ``torch.distributed`` process group initialised),
+            each rank takes a contiguous shard of the train data and the ranks combine their statistics and
+            scores (:mod:`infkit.distributed`; every rank builds the same Analysis); True: the same, refused without
+            a process group; False: this process alone, whatever the job.
         estimator_options: passed to the estimator (e.g. ``block_diagonal=True`` for "exact").
     """
 
@@ -128,6 +138,8 @@ class Analysis:
         store: str = "auto",
         projection: int | None = None,
         store_dir: str | os.PathLike | None = None,
+        fit_data: Any = None,
+        distributed: bool | None = None,
         **estimator_options: Any,
     ):
         if fisher is not None and fisher not in FISHER_KINDS:
@@ -144,8 +156,11 @@ class Analysis:
                                   "drop projection= or use store='projected' (or 'auto')")
         if not isinstance(task, Task):
             raise InfkitError(f"task must be an infkit Task (e.g. infkit.tasks.CausalLM()), got {type(task).__name__}")
+        self.world = resolve_world(distributed)
+        model = unwrap_model(model)  # a DDP wrapper as its module; FSDP refused
         self.model, self.task, self.train_data = model, task, train_data
-        self.batch_size, self.seed, self.progress = batch_size, seed, progress
+        # with several ranks only rank 0 shows progress bars and the plan (the others would print the same)
+        self.batch_size, self.seed, self.progress = batch_size, seed, progress and self.world.rank == 0
         self.layers = find_layers(model, modules)
         # trainable modules left out because their weight is tied to another module's (the plan says so)
         self.untracked = {name: f"weight tied to {', '.join(others)}; tied weights are not tracked"
@@ -156,13 +171,28 @@ class Analysis:
         self.ordinary_layers = ordinary_layers(self.layers, self.adapters)
         if data_length(train_data) == 0:
             raise InfkitError("the train data is empty: influence needs at least one training example")
+        if data_length(train_data) < self.world.size:
+            raise InfkitError(f"{data_length(train_data)} train examples for {self.world.size} processes: every rank "
+                              "needs at least one; run fewer processes (or in one, distributed=False)")
+        #: this rank's train examples (all of them in one process); its store holds their rows, in order
+        self.shard = self.world.shard(data_length(train_data))
+        if fit_data is not None and data_length(fit_data) == 0:
+            raise InfkitError("the fit data is empty: give examples to fit the curvature on, or fit_data=None to "
+                              "fit it on the train data")
+        if fit_data is not None and data_length(fit_data) < self.world.size:
+            raise InfkitError(f"fit_data has {data_length(fit_data)} examples for {self.world.size} processes: give "
+                              "at least one per rank, or run fewer processes")
+        self.fit_data = fit_data
+        #: the examples the curvature is fitted on (fit_data's, else the train data's)
+        self.n_fit = data_length(fit_data) if fit_data is not None else data_length(train_data)
         self.estimator_options = {k: plain_number(v) for k, v in estimator_options.items()}
         self.estimator = make_estimator(estimator, self.layers, damping, self.estimator_options)
+        self.estimator.world = self.world
         #: the Fisher used: the one asked for, else the estimator's own (None: it has no curvature)
         self.fisher = fisher if fisher is not None else self.estimator.default_fisher
         self.fisher_given = fisher is not None
         self.fisher_samples = self._check_fisher_samples(fisher_samples)
-        self.estimator.check_fits(data_length(train_data), self.fisher)
+        self.estimator.check_fits(self.n_fit, self.fisher)
         self.fitted = False
         self.timings: dict[str, float] = {}
         self._last_result: InfluenceResult | None = None
@@ -175,11 +205,12 @@ class Analysis:
         self.memory_budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
         self.cache: Cache | None = None
         self._staleness: Staleness | None = None
-        self.train_passes = self._passes(train_data, "train")
+        self.train_passes = self._passes(train_data, "train", sharded=True)
         self._positions: int | None = None
         self._prepare_store()
         check_fits_device(self.plan(), self.layers, self.estimator)
         self._self_influence: torch.Tensor | None = None
+        check_same_everywhere(self.world, self)
 
     def _check_fisher_samples(self, k: int) -> int:
         k = whole_number(k, "fisher_samples", minimum=1)
@@ -193,9 +224,20 @@ class Analysis:
         return int(k)
 
     # -- passes -------------------------------------------------------------------------------------------
-    def _passes(self, data: Any, what: str) -> DataPasses:
+    def _passes(self, data: Any, what: str, sharded: bool = False) -> DataPasses:
+        """Passes over ``data``; ``sharded``: over this rank's shard of it (all of it in one process), whose
+        statistics the estimators sum over the ranks."""
+        shard = self.world.shard(data_length(data)) if sharded else None
         return DataPasses(self.model, self.task, data, self.layers, self.batch_size, self.seed, self.fisher,
-                          self.progress, what, fisher_samples=self.fisher_samples if what == "train" else 1)
+                          self.progress, what, fisher_samples=self.fisher_samples if what != "query" else 1,
+                          shard=shard, world=self.world if sharded else SINGLE)
+
+    @property
+    def curvature_passes(self) -> DataPasses:
+        """The passes the estimator fits on: over ``fit_data`` when given, else the train passes."""
+        if self.fit_data is None:
+            return self.train_passes
+        return self._passes(self.fit_data, "fit", sharded=True)
 
     @property
     def device(self) -> torch.device:
@@ -224,9 +266,13 @@ class Analysis:
 
     def _prepare_store(self) -> None:
         """Choose the train-side store (:func:`infkit.store.choose`) and, for a projected one, tell the estimator."""
+        store_dir = self.store_dir
+        own = shard_folder(self.world.rank, self.world.size)
+        if store_dir is not None and self.world.active and Path(store_dir).name != own:  # (a load gives its own)
+            store_dir = Path(store_dir) / own  # one folder per rank inside the one given
         self.store = stores.choose(
-            self.n_train, self.layers, self.cache_dtype, self.memory_budget, self.store_setting, self.projection,
-            self.store_dir, can_project=self.estimator.projection_kind is not None,
+            len(self.shard), self.layers, self.cache_dtype, self.memory_budget, self.store_setting, self.projection,
+            store_dir, can_project=self.estimator.projection_kind is not None,
             default_folder=self._default_store_folder)
         if self.store.kind == "projected":
             self.estimator.use_projection(self.store.shapes, self.seed)
@@ -251,7 +297,8 @@ class Analysis:
         if fitted_on is not None:
             state = json.dumps([fitted_on["model"]["state_sha256"], fitted_on["data"]], sort_keys=True)
             key += "-" + hashlib.sha256(state.encode()).hexdigest()[:12]
-        return cache_root() / "stores" / f"{self.estimator.name}-{kind}{rank or ''}-n{self.n_train}-{key}"
+        folder = cache_root() / "stores" / f"{self.estimator.name}-{kind}{rank or ''}-n{self.n_train}-{key}"
+        return folder / shard_folder(self.world.rank, self.world.size) if self.world.active else folder
 
     def plan(self, measure: bool = False) -> Plan:
         """What ``fit()`` and each query will cost, before any heavy work: bytes, passes over the data, the
@@ -294,10 +341,10 @@ class Analysis:
         if self.progress:
             print(plan.summary())
         start = time.perf_counter()
-        fills = plan.cache_train and self.estimator.fills_train_side(self.fisher)
+        fills = plan.cache_train and self.fit_data is None and self.estimator.fills_train_side(self.fisher)
         keep = caches.TrainSideSlots(self, self.store) if fills else None
         try:
-            fitted = self.estimator.fit(self.train_passes, keep=keep)
+            fitted = self.estimator.fit(self.curvature_passes, keep=keep)
         except BaseException:
             if keep is not None and keep.disk is not None:
                 keep.disk.abandon()
@@ -317,8 +364,9 @@ class Analysis:
         """Forget a fit whose model or data changed: a fresh estimator, no cache, no self-influence."""
         self.estimator = make_estimator(self.estimator.name, self.layers, self.estimator.damping,
                                         self.estimator_options)
+        self.estimator.world = self.world
         self.cache, self._self_influence, self._last_result = None, None, None
-        self.train_passes = self._passes(self.train_data, "train")
+        self.train_passes = self._passes(self.train_data, "train", sharded=True)
         self._positions = None
         self._prepare_store()
         self.fitted = False
@@ -404,7 +452,10 @@ class Analysis:
         """
         self._require_fit("scores()")
         columns = self._check_train_indices(train_indices)
-        passes = self.train_passes if columns is None else self._passes([self.train_data[i] for i in columns], "train")
+        # several processes: each rank scores its shard and the columns are gathered; chosen columns are scored
+        # from the gathered scores (with a store) or streamed by every rank (without one)
+        local = columns is None or (self.world.active and self.cache is not None and self.cache.train_side is not None)
+        passes = self.train_passes if local else self._passes([self.train_data[i] for i in columns], "train")
         start = time.perf_counter()
         if query_rank is not None:
             query_rank = whole_number(query_rank, "query_rank", minimum=1)
@@ -414,14 +465,18 @@ class Analysis:
             per_layer = scoring.streamed_low_rank(factors, passes)
         elif self.cache is not None and self.cache.train_side is not None:
             train_side = self.cache.train_side
-            if columns is not None:
+            if not local:
                 train_side = {n: t[torch.as_tensor(columns, device=t.device)] for n, t in train_side.items()}
             query_side = (self.estimator.projected_query_side(query_grads) if self.cache.projected
                           else self.estimator.query_side(query_grads))
-            on_disk = self.cache.folder is not None and columns is None  # selected rows are already copied out
+            on_disk = self.cache.folder is not None and local  # selected rows are already copied out
             per_layer = scoring.against_cache(query_side, train_side, on_disk, progress=self.progress and on_disk)
         else:
             per_layer = scoring.streamed(self.estimator, self.estimator.query_side(query_grads), passes)
+        if local and self.world.active:
+            per_layer = {name: self.world.gather_columns(scores, "gather scores") for name, scores in per_layer.items()}
+            if columns is not None:
+                per_layer = {name: scores[:, columns] for name, scores in per_layer.items()}
         total = torch.stack(list(per_layer.values())).sum(dim=0)
         scoring.check_finite_scores(total, per_layer, columns)
         self.timings["scores"] = time.perf_counter() - start
@@ -454,7 +509,9 @@ class Analysis:
         query_side = (self.estimator.projected_query_side(query_grads) if self.cache.projected
                       else self.estimator.query_side(query_grads))
         high, high_at, low, low_at = scoring.top_against_store(query_side, self.cache.train_side, k,
-                                                               progress=self.progress and self.cache.folder is not None)
+                                                               progress=self.progress and self.cache.folder is not None,
+                                                               offset=self.shard.start)
+        high, high_at, low, low_at = scoring.merge_tops(self.world, high, high_at, low, low_at, k)
         tops = []
         for q in range(high.shape[0]):
             positive, negative = high[q] > 0, low[q] < 0
@@ -512,6 +569,7 @@ class Analysis:
                 self._self_influence = scoring.self_influence_from_cache(self.estimator, store)
             else:
                 self._self_influence = scoring.self_influence_streamed(self.estimator, self.train_passes)
+            self._self_influence = self.world.gather_rows(self._self_influence, "gather self-influence")
         return self._self_influence.clone()
 
     @autograd_allowed
@@ -526,7 +584,7 @@ class Analysis:
         if not 0 <= i < self.n_train:
             raise InfkitError(f"train index {i} is out of range for {self.n_train} train examples")
         preconditioned = self.estimator.query_preconditioned({n: g[q : q + 1] for n, g in result._query_grads.items()})
-        cb = self.train_passes.capture([i], Labels.DATA)
+        cb = self._passes(self.train_data, "train").capture([i], Labels.DATA)  # any rank: example i of all
         per_layer, unassigned = scoring.per_token(preconditioned, cb, self.task.token_mask(cb.batch))
         try:
             token_ids, tokens = self.task.tokens(cb.batch, 0)

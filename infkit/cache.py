@@ -74,12 +74,13 @@ class Cache:
 
 
 def allocate_train_side(analysis, choice: StoreChoice) -> tuple[dict[str, torch.Tensor], DiskStore | None]:
-    """Empty {layer: [n_train, k_out, k_in]} in the analysis' cache dtype: on its device, or memory-mapped in a
-    staging folder on disk (the DiskStore, to finish once filled)."""
+    """Empty {layer: [n, k_out, k_in]} (n: this rank's train examples, all of them in one process) in the analysis'
+    cache dtype: on its device, or memory-mapped in a staging folder on disk (the DiskStore, to finish once
+    filled)."""
     if choice.on_disk:
-        disk = DiskStore(choice.folder, analysis.n_train, choice.shapes, analysis.cache_dtype)
+        disk = DiskStore(choice.folder, len(analysis.shard), choice.shapes, analysis.cache_dtype)
         return disk.tensors, disk
-    return {name: torch.empty(analysis.n_train, k_out, k_in, dtype=analysis.cache_dtype, device=analysis.device)
+    return {name: torch.empty(len(analysis.shard), k_out, k_in, dtype=analysis.cache_dtype, device=analysis.device)
             for name, (k_out, k_in) in choice.shapes.items()}, None
 
 

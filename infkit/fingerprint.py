@@ -34,11 +34,23 @@ TOKEN_EXAMPLES = 65536
 
 def fingerprint(analysis) -> dict[str, Any]:
     """What a fit depends on: the whole model's state, the train data and the task's settings."""
-    return {
+    world = getattr(analysis, "world", None)
+    if world is not None and world.active:  # several processes: each rank hashes its own shard, none reads it all
+        own = data_fingerprint(analysis.task, analysis.train_data, indices=analysis.shard)["data_sha256"]
+        digests = world.gather_objects(own, "fingerprint the train data")
+        data = {"n_train": len(analysis.train_data), "shards": world.size, "shard_sha256": digests,
+                "data_sha256": hashlib.sha256("".join(digests).encode()).hexdigest()}
+    else:
+        data = data_fingerprint(analysis.task, analysis.train_data)
+    found = {
         "model": model_fingerprint(analysis.model, analysis.layers),
-        "data": data_fingerprint(analysis.task, analysis.train_data),
+        "data": data,
         "task": task_fingerprint(analysis.task),
     }
+    fit_data = getattr(analysis, "fit_data", None)
+    if fit_data is not None:  # what the curvature was fitted on (a load does not need it again)
+        found["fit_data"] = data_fingerprint(analysis.task, fit_data)
+    return found
 
 
 def _hash_tensor(h: Any, t: torch.Tensor) -> None:
@@ -68,15 +80,18 @@ def model_fingerprint(model: torch.nn.Module, layers: dict[str, Layer]) -> dict[
     return {"layers": shapes, "state_sha256": whole.hexdigest(), "tensors": digests}
 
 
-def data_fingerprint(task, data, batch_size: int = 64) -> dict[str, Any]:
-    """Train data size and a sha256 of its collated tensors (what the model actually sees)."""
+def data_fingerprint(task, data, batch_size: int = 64, indices: range | None = None) -> dict[str, Any]:
+    """Train data size and a sha256 of its collated tensors (what the model actually sees); ``indices``: of those
+    examples only (a rank's shard)."""
     h = hashlib.sha256()
     n = len(data)
-    for start in range(0, n, batch_size):
+    indices = indices if indices is not None else range(n)
+    for start in range(0, len(indices), batch_size):
+        chosen = indices[start : start + batch_size]
         try:
-            batch = task.collate([data[i] for i in range(start, min(start + batch_size, n))])
+            batch = task.collate([data[i] for i in chosen])
         except ExampleError as err:  # the task knows the batch position; say the example's index in the data
-            raise InfkitError(f"train example {start + err.position} {err.problem}") from err
+            raise InfkitError(f"train example {chosen[err.position]} {err.problem}") from err
         for key in sorted(batch):
             if torch.is_tensor(batch[key]):
                 h.update(key.encode())
@@ -204,8 +219,14 @@ class Staleness:
         else:
             token = self._data_token(analysis.train_data)
             if token != self.data_token:
-                now = data_fingerprint(analysis.task, analysis.train_data)["data_sha256"]
-                if now != self.fitted["data"]["data_sha256"]:
+                fitted = self.fitted["data"]
+                if "shards" in fitted:  # several processes: this rank checks its own shard (no collective here)
+                    now = data_fingerprint(analysis.task, analysis.train_data, indices=analysis.shard)["data_sha256"]
+                    then = fitted["shard_sha256"][analysis.world.rank]
+                else:
+                    now = data_fingerprint(analysis.task, analysis.train_data)["data_sha256"]
+                    then = fitted["data_sha256"]
+                if now != then:
                     found.append("the train data has the same size but other contents (examples edited or reordered)")
                 else:
                     self.data_token = token

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from infkit.capture import Capture, Layer, per_example_grads
+from infkit.distributed import SINGLE, World
 from infkit.errors import InfkitError
 from infkit.tasks.base import ExampleError, Labels, Task
 
@@ -99,14 +100,21 @@ class DataPasses:
         progress: bool = True,
         what: str = "train",
         fisher_samples: int = 1,
+        shard: range | None = None,
+        world: World = SINGLE,
     ):
         self.model, self.task, self.data, self.layers = model, task, data, layers
         self.batch_size, self.seed, self.fisher, self.progress = batch_size, seed, fisher, progress
         self.fisher_samples = fisher_samples  # draws of the model's labels per example in a sampled pass
         self.what = what
-        self.n = data_length(data)
-        if self.n == 0:
+        total = data_length(data)
+        if total == 0:
             raise InfkitError(f"the {what} data is empty: influence needs at least one example")
+        # With several processes (infkit.distributed) a pass covers this rank's shard only: its batches' indices
+        # are local (0 .. n-1, rows of this rank's store); ``offset`` + index is the example's index in the data.
+        shard = shard if shard is not None else range(total)
+        self.offset, self.n = shard.start, len(shard)
+        self.n_total, self.world = total, world  # every rank's examples; estimators sum statistics over world
         self.device = model_device(model)
 
     @contextmanager
@@ -116,11 +124,11 @@ class DataPasses:
         try:
             yield
         except ExampleError as err:
-            raise InfkitError(f"{self.what} example {indices[err.position]} {err.problem}") from err
+            raise InfkitError(f"{self.what} example {self.offset + indices[err.position]} {err.problem}") from err
 
     def collate(self, indices: Sequence[int]) -> dict[str, Any]:
         with self.naming_examples(indices):
-            batch = self.task.collate([self.data[i] for i in indices])
+            batch = self.task.collate([self.data[self.offset + i] for i in indices])
         return self.task.batch_to(batch, self.device)
 
     def batches(self, desc: str | None = None) -> Iterator[list[int]]:
@@ -138,7 +146,8 @@ class DataPasses:
         """One generator per example on the model's device, seeded by (seed, draw, example index): an example's
         sampled labels do not depend on the batch size, the order or the number of processes, and each draw (an
         estimator's pass, or one of ``fisher_samples``) is independent of the others."""
-        return [torch.Generator(device=self.device).manual_seed(draw_seed(self.seed, draw, i)) for i in indices]
+        return [torch.Generator(device=self.device).manual_seed(draw_seed(self.seed, draw, self.offset + i))
+                for i in indices]
 
     def objective(self, labels: Labels, batch: dict[str, Any], indices: Sequence[int], draw: int = 0) -> torch.Tensor:
         """The per-example loss [B] whose gradients a pass with ``labels`` captures (``draw``: which sample of
@@ -241,7 +250,7 @@ class DataPasses:
     def check_finite(self, loss: torch.Tensor, indices: list[int]) -> None:
         bad = ~torch.isfinite(loss.detach())
         if bool(bad.any()):
-            first = indices[int(bad.nonzero()[0])]
+            first = self.offset + indices[int(bad.nonzero()[0])]
             raise InfkitError(
                 f"the loss of {self.what} example {first} is {float(loss.detach()[bad][0])}: influence needs "
                 "finite losses. Check that example (empty labels, extreme inputs) or the model's weights for NaN"
@@ -253,7 +262,7 @@ class DataPasses:
             if torch.is_tensor(value) and value.is_floating_point() and value.ndim >= 1 and len(value) == len(indices):
                 bad = ~torch.isfinite(value).reshape(len(indices), -1).all(dim=1)
                 if bool(bad.any()):
-                    first = indices[int(bad.nonzero()[0])]
+                    first = self.offset + indices[int(bad.nonzero()[0])]
                     raise InfkitError(
                         f"{self.what} example {first} has non-finite values (inf or NaN) in its input {key!r}: "
                         "influence through it would be NaN. Clean or drop that example"
@@ -265,7 +274,7 @@ class DataPasses:
             for name, t in tensors.items():
                 bad = ~torch.isfinite(t).reshape(len(indices), -1).all(dim=1)
                 if bool(bad.any()):
-                    first = indices[int(bad.nonzero()[0])]
+                    first = self.offset + indices[int(bad.nonzero()[0])]
                     raise InfkitError(
                         f"layer {name!r} has non-finite {kind} (inf or NaN) for {self.what} example {first}: its "
                         "gradient would poison every score. Check that example's inputs and the model's weights; "

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from infkit import savefolder, store
+from infkit import savefolder, shards, store
 from infkit._version import __version__
 from infkit.errors import InfkitError
 from infkit.fingerprint import describe_mismatch, fingerprint
@@ -72,6 +72,12 @@ def foreign(folder: Path) -> str | None:
 def save(analysis, path: str | os.PathLike) -> Path:
     if not analysis.fitted:
         raise InfkitError("save() needs a fitted analysis: call an.fit() first")
+    if analysis.world.active:  # several processes: a save per rank and a manifest (infkit.shards)
+        return shards.save(analysis, Path(path), _save_one)
+    return _save_one(analysis, path)
+
+
+def _save_one(analysis, path: str | os.PathLike) -> Path:
     tensors = {f"factors/{k}": v for k, v in analysis.estimator.saved_state().items()}
     cache = analysis.cache
     if cache is not None and cache.train_side is not None and cache.folder is None:  # on disk: the save points to it
@@ -99,6 +105,7 @@ def save(analysis, path: str | os.PathLike) -> Path:
             "store_dir": str(analysis.store.folder.absolute()) if analysis.store.folder is not None else None,
             "store_fit_id": cache.fit_id if cache is not None else None,
             "memory_budget": analysis.memory_budget,
+            "fit_examples": analysis.n_fit,  # differs from n_train when the curvature was fitted on fit_data
         },
         "damping_used": analysis.estimator.damping_used,
         "fingerprint": cache.fingerprint if cache is not None else {},
@@ -196,7 +203,11 @@ def check_tensors(folder: Path, analysis, tensors: dict[str, torch.Tensor]) -> N
     or train side missing, a shape that does not fit the layers (d_out, d_in) or the n_train train examples, an
     unexpected tensor, or values that are not finite. The checksums cannot catch a file rewritten with new ones."""
     n, layers = analysis.n_train, analysis.layers
-    rows = n * (analysis.fisher_samples if analysis.fisher == "sampled" else 1)  # examples the fit saw
+    local = len(analysis.shard)  # this rank's train examples (all of them in one process)
+    # examples the fit saw: DataInf keeps this rank's rows, the others' states are the same on every rank
+    n_fit = analysis.n_fit
+    seen = len(analysis.world.shard(n_fit)) if analysis.estimator.preconditions_with_all_ranks else n_fit
+    rows = seen * (analysis.fisher_samples if analysis.fisher == "sampled" else 1)
     expected: dict[str, tuple[tuple[int, ...], str]] = {}
     shapes = analysis.estimator.state_shapes(rows)
     if shapes is not None:
@@ -206,9 +217,9 @@ def check_tensors(folder: Path, analysis, tensors: dict[str, torch.Tensor]) -> N
     if any(k.startswith("train/") for k in tensors):
         for name, layer in layers.items():
             k_out, k_in = analysis.store.shapes.get(name, (layer.d_out, layer.d_in))
-            note = (f"[n_train, k_out, k_in] with n_train = {n} and layer {name!r} of {layer.d_out} x {layer.d_in}, "
-                    f"stored {analysis.store.kind}")
-            expected[f"train/{name}"] = ((n, k_out, k_in), note)
+            note = (f"[n_train, k_out, k_in] with n_train = {local} and layer {name!r} of {layer.d_out} x "
+                    f"{layer.d_in}, stored {analysis.store.kind}")
+            expected[f"train/{name}"] = ((local, k_out, k_in), note)
     if "self_influence" in tensors:
         expected["self_influence"] = ((n,), f"one value per train example, n_train = {n}")
     problems = []
@@ -236,7 +247,9 @@ def check_tensors(folder: Path, analysis, tensors: dict[str, torch.Tensor]) -> N
 
 def load(cls, path, model, task, train_data, progress: bool = True):
     """Reopen a saved analysis for ``model`` and ``train_data``; refuses a mismatch with the differences."""
-    folder = Path(path)
+    from infkit.distributed import resolve_world
+
+    folder = shards.own_save(Path(path), resolve_world(None))  # a job's save: this rank's own
     meta, tensors = read(folder)
     settings = meta["settings"]
     layer_names = list(meta["fingerprint"]["model"]["layers"])
@@ -263,6 +276,7 @@ def load(cls, path, model, task, train_data, progress: bool = True):
         **settings["estimator_options"],
     )
     analysis.fisher_given = not settings.get("fisher_default", False)
+    analysis.n_fit = settings.get("fit_examples", analysis.n_train)  # fitted on fit_data: its size
     if analysis.store.kind == "projected" and "store_shapes" in settings:  # the fit chose them (eigenbasis pairs)
         analysis.use_store_shapes({name: tuple(shape) for name, shape in settings["store_shapes"].items()})
     current = fingerprint(analysis)

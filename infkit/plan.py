@@ -86,14 +86,20 @@ class Plan:
     store: StoreChoice | None = None  # where and how the train side is kept (infkit.store)
     projection: str | None = None  # the estimator's projection kind ("eigenbasis", "random"; infkit.projection)
     batch_seconds: float | None = None  # one measured batch: forward + backward with captures (plan(measure=True))
+    fit_examples: int | None = None  # the curvature's examples when fit_data= is given (None: the train data)
+    ranks: str = ""  # several processes (infkit.distributed): this rank's share, in words
+    n_local: int | None = None  # this rank's train examples (None: one process, all of them)
 
     @property
     def estimated_seconds(self) -> float | None:
         """Passes x batches x the measured batch (a lower bound: the estimator's own products come on top)."""
         if self.batch_seconds is None:
             return None
-        batches = -(-self.n_train // self.batch_size)
-        return (self.fit_passes + (self.cache_passes if self.cache_train else 0)) * batches * self.batch_seconds
+        ranks = self.n_train / (self.n_local or self.n_train)  # this rank's share of every data set
+        train_batches = -(-(self.n_local or self.n_train) // self.batch_size)
+        fit_batches = -(-int(self.fit_examples / ranks) // self.batch_size) if self.fit_examples else train_batches
+        cache_batches = (self.cache_passes if self.cache_train else 0) * train_batches
+        return (self.fit_passes * fit_batches + cache_batches) * self.batch_seconds
 
     @property
     def bytes_per_query(self) -> int:
@@ -133,7 +139,10 @@ class Plan:
             f"infkit plan: {self.estimator} on {self.n_layers} layers ({self.n_params:,} parameters), "
             f"{self.n_train:,} train examples, device {self.device}",
             *([f"  {self.tracked}"] if self.tracked else []),
-            f"  fit: {self.fit_passes} pass(es) over the train data, factors {format_bytes(self.factor_bytes)}"
+            *([f"  {self.ranks}"] if self.ranks else []),
+            f"  fit: {self.fit_passes} pass(es) over the "
+            + (f"{self.fit_examples:,} examples of fit_data" if self.fit_examples else "train data")
+            + f", factors {format_bytes(self.factor_bytes)}"
             + (f" ({self.factor_form})" if self.factor_form else ""),
             *([f"  curvature: {self.fisher} Fisher, {self.fisher_source}"] if self.fisher else []),
             *[f"  not tracked: {line}" for line in self.untracked],
@@ -167,7 +176,14 @@ def make_plan(analysis, batch_seconds: float | None = None) -> Plan:
     est = analysis.estimator
     n, n_params = analysis.n_train, analysis.n_params
     element = torch.tensor([], dtype=analysis.cache_dtype).element_size()
-    train_bytes = n * n_params * element
+    local = len(analysis.shard)  # this rank's examples: its store holds them (all of them in one process)
+    train_bytes = local * n_params * element
+    world = analysis.world
+    ranks = ""
+    if world.active:
+        ranks = (f"several processes: rank {world.rank} of {world.size} holds train examples "
+                 f"{analysis.shard.start:,}-{analysis.shard.stop - 1:,} ({local:,}); every rank holds the factors, "
+                 "and the store, working memory and time below are per rank")
     positions = analysis.positions_per_example()
     store = analysis.store
     return Plan(
@@ -175,14 +191,16 @@ def make_plan(analysis, batch_seconds: float | None = None) -> Plan:
         n_train=n,
         n_params=n_params,
         n_layers=len(analysis.layers),
-        factor_bytes=est.planned_factor_bytes(n),
+        factor_bytes=est.planned_factor_bytes(len(world.shard(analysis.n_fit)) if est.preconditions_with_all_ranks
+                                              else analysis.n_fit),
         train_cache_bytes=train_bytes,
         memory_budget=analysis.memory_budget,
         cache_train=store.kind != "stream",
         store=store,
         projection=est.projection_kind,
         fit_passes=est.fit_passes,
-        cache_passes=0 if est.fills_train_side(analysis.fisher) else 1,
+        cache_passes=0 if est.fills_train_side(analysis.fisher) and analysis.fit_data is None else 1,
+        fit_examples=analysis.n_fit if analysis.fit_data is not None else None,
         device=str(analysis.device),
         tracked=analysis.tracked if analysis.ordinary_layers else "",
         factor_form=est.describe_factors(),
@@ -194,4 +212,6 @@ def make_plan(analysis, batch_seconds: float | None = None) -> Plan:
         batch_size=analysis.batch_size,
         device_bytes=device_memory(analysis.device),
         batch_seconds=batch_seconds,
+        ranks=ranks,
+        n_local=local if world.active else None,
     )

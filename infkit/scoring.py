@@ -101,15 +101,30 @@ def streamed_low_rank(factors: LowRank, passes: DataPasses) -> PerLayer:
     return per_layer
 
 
+def _own_self_influence(estimator: Estimator, grads: Grads) -> torch.Tensor:
+    """∇Lᵀ (G + λI)⁻¹ ∇L of a few train gradients {layer: [B, d_out, d_in]}, [B]."""
+    query_side, train_side = estimator.query_side(grads), estimator.train_side(grads)
+    return sum((query_side[name].flatten(1) * train_side[name].flatten(1)).sum(dim=1) for name in estimator.layers)
+
+
 def self_influence_streamed(estimator: Estimator, passes: DataPasses) -> torch.Tensor:
-    """∇L(z_i)ᵀ (G + λI)⁻¹ ∇L(z_i) of every example of ``passes``, [n] float32, one pass over the data."""
+    """∇L(z_i)ᵀ (G + λI)⁻¹ ∇L(z_i) of every example of ``passes``, [n] float32, one pass over the data (this rank's
+    shard: with an estimator that preconditions with every rank's statistics, the ranks take turns, and a rank
+    with fewer batches joins the last turns with none)."""
+    world, together = passes.world, estimator.preconditions_with_all_ranks
     values = torch.zeros(passes.n)
-    for cb in passes.iterate(Labels.DATA, desc="self-influence"):
+    batches = passes.iterate(Labels.DATA, desc="self-influence")
+    rounds = world.most(-(-passes.n // passes.batch_size)) if world.active and together else None
+    done = 0
+    for cb in batches:
         grads = {name: cb.grads(name) for name in estimator.layers}
-        query_side, train_side = estimator.query_side(grads), estimator.train_side(grads)
-        total = sum((query_side[name].flatten(1) * train_side[name].flatten(1)).sum(dim=1)
-                    for name in estimator.layers)
-        values[cb.indices] = total.cpu().to(torch.float32)
+        values[cb.indices] = world.on_own_rows(lambda g: _own_self_influence(estimator, g), grads, together).cpu().to(
+            torch.float32)
+        done += 1
+    empty = {name: torch.zeros(0, layer.d_out, layer.d_in, dtype=layer.module.weight.dtype, device=passes.device)
+             for name, layer in estimator.layers.items()}
+    for _ in range(done, rounds or done):
+        world.on_own_rows(lambda g: _own_self_influence(estimator, g), empty, together)
     return values
 
 
@@ -117,18 +132,19 @@ def self_influence_from_cache(estimator: Estimator, raw_train_grads: Grads) -> t
     """Self-influence from a float32 cache of raw train gradients (``estimator.raw_train_side``): no data pass."""
     n = next(iter(raw_train_grads.values())).shape[0]
     values = torch.zeros(n)
-    for start in range(0, n, SELF_CHUNK):
+    world, together = estimator.world, estimator.preconditions_with_all_ranks
+    for start in range(0, world.most(n) if together else n, SELF_CHUNK):  # every rank runs as many rounds
         grads = {name: raw_train_grads[name][start : start + SELF_CHUNK] for name in estimator.layers}
-        query_side = estimator.query_side(grads)
-        total = sum((query_side[name].flatten(1) * grads[name].flatten(1)).sum(dim=1) for name in estimator.layers)
-        values[start : start + SELF_CHUNK] = total.cpu().to(torch.float32)
+        values[start : start + SELF_CHUNK] = world.on_own_rows(
+            lambda g: _own_self_influence(estimator, g), grads, together).cpu().to(torch.float32)
     return values
 
 
-def top_against_store(query_side: Grads, train_side: Grads, k: int, progress: bool = False):
+def top_against_store(query_side: Grads, train_side: Grads, k: int, progress: bool = False, offset: int = 0):
     """The k highest and k lowest total scores per query against a stored train side, kept on the fly chunk by
     chunk of :data:`SCORE_CHUNK` rows, so no [n_query, n_train] matrix is formed: (highest values [Q, k'], their
-    train indices, lowest values, their indices), k' = min(k, n_train). Non-finite totals are refused."""
+    train indices, lowest values, their indices), k' = min(k, n_train). Non-finite totals are refused. ``offset``:
+    the train index of the store's first row (a rank's shard, :mod:`infkit.distributed`)."""
     n = next(iter(train_side.values())).shape[0]
     queries = {name: q.flatten(1).to(torch.float32) for name, q in query_side.items()}
     n_query = next(iter(queries.values())).shape[0]
@@ -145,14 +161,23 @@ def top_against_store(query_side: Grads, train_side: Grads, k: int, progress: bo
             total = part if total is None else total + part
         if not bool(torch.isfinite(total).all()):
             q_bad, column = (int(v) for v in (~torch.isfinite(total)).nonzero()[0])
-            raise InfkitError(f"the score of query {q_bad} against train example {start + column} is not finite; "
-                              "give a larger damping= (or damping=None for the heuristic)")
-        at = torch.arange(start, start + total.shape[1]).expand(n_query, -1)
+            raise InfkitError(f"the score of query {q_bad} against train example {offset + start + column} is not "
+                              "finite; give a larger damping= (or damping=None for the heuristic)")
+        at = torch.arange(offset + start, offset + start + total.shape[1]).expand(n_query, -1)
         high, high_at = _keep(torch.cat([high, total], 1), torch.cat([high_at, at], 1), k, largest=True)
         low, low_at = _keep(torch.cat([low, total], 1), torch.cat([low_at, at], 1), k, largest=False)
         bar.update(total.shape[1])
     bar.close()
     return high, high_at, low, low_at
+
+
+def merge_tops(world, high, high_at, low, low_at, k: int):
+    """Every rank's best k (``top_against_store`` of its shard) merged into the best k of all, on every rank."""
+    if not world.active:
+        return high, high_at, low, low_at
+    high, high_at, low, low_at = (world.gather_columns(t.contiguous(), "gather top influences")
+                                  for t in (high, high_at, low, low_at))
+    return (*_keep(high, high_at, k, largest=True), *_keep(low, low_at, k, largest=False))
 
 
 def _keep(values: torch.Tensor, indices: torch.Tensor, k: int, largest: bool):
@@ -168,9 +193,11 @@ def self_influence_projected(estimator: Estimator, stored: Grads) -> torch.Tenso
     scores): no data pass, in chunks of rows."""
     n = next(iter(stored.values())).shape[0]
     values = torch.zeros(n)
-    for start in range(0, n, SCORE_CHUNK):
+    world, together = estimator.world, estimator.preconditions_with_all_ranks
+    for start in range(0, world.most(n) if together else n, SCORE_CHUNK):  # every rank runs as many rounds
         chunk = {name: t[start : start + SCORE_CHUNK].to(torch.float32) for name, t in stored.items()}
-        values[start : start + SCORE_CHUNK] = estimator.projected_self_influence(chunk).cpu().to(torch.float32)
+        values[start : start + SCORE_CHUNK] = world.on_own_rows(
+            estimator.projected_self_influence, chunk, together).cpu().to(torch.float32)
     return values
 
 

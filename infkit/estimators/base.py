@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from infkit.capture import Layer
+from infkit.distributed import SINGLE, World
 from infkit.errors import InfkitError
 from infkit.projection import LayerProjection, random_projection
 
@@ -143,6 +144,14 @@ class Estimator:
     #: How a compressed train-side store projects this estimator's gradients (:mod:`infkit.projection`): "random"
     #: (seeded Gaussian), "eigenbasis" (leading directions of its Kronecker factors), or None (no projected store).
     projection_kind: str | None = None
+
+    #: The ranks whose shards the fit's statistics are summed over (``infkit.distributed``; the analysis sets it),
+    #: for estimators whose queries need the train data again (DataInf sums its query products over the ranks).
+    world: World = SINGLE
+    #: Whether the fitted state holds this rank's train rows only (DataInf's stacked gradients), so that
+    #: preconditioning sums over every rank's: every rank must then precondition the same gradients together
+    #: (:meth:`infkit.distributed.World.on_own_rows`), and a save's state has this rank's rows.
+    preconditions_with_all_ranks = False
 
     def __init__(self, layers: dict[str, Layer], damping: Damping = None):
         self.layers = layers

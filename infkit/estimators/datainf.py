@@ -93,17 +93,21 @@ class DataInf(Estimator):
     # A projected store: seeded Gaussian projections ĝ = P_out g P_inᵀ, and the formula runs on them as if they were
     # the gradients (E‖ĝ‖² = ‖g‖², so λ = 0.1 · mean ‖ĝ‖² / d_l, d_l the layer's full size, estimates the full λ).
     projection_kind = "random"
+    preconditions_with_all_ranks = True  # (V − (1/n) C Γ) / λ sums over the stored gradients of every rank
 
     def fit(self, passes, keep=None):
         projections = self.projections if self.projected_shapes is not None else None
+        world = passes.world  # several processes: each rank keeps its shard's rows; sums go over all ranks
         for name, stacked in stacked_gradients(passes, self.layers, "datainf: per-example gradients",
                                                projections).items():
             layer = self.layers[name]
             norms = stacked.square().sum(dim=1)
             self.gradients[name], self.squared_norms[name] = stacked, norms
-            heuristic = DAMPING_FRACTION * float(norms.double().mean()) / layer.n_params
-            self.resolve_damping(name, heuristic)
-        self.n_examples = next(iter(self.gradients.values())).shape[0]  # n (times fisher_samples draws)
+            rows = world.sum_number(norms.shape[0], "count examples")
+            heuristic = DAMPING_FRACTION * world.sum_number(float(norms.double().sum()), "sum norms") / rows
+            self.resolve_damping(name, heuristic / layer.n_params)
+        # n (times fisher_samples draws), over all ranks
+        self.n_examples = int(world.sum_number(next(iter(self.gradients.values())).shape[0], "count examples"))
         self.check_damping()
         if keep is None or passes.fisher != "empirical":
             return self.fitted()
@@ -141,9 +145,10 @@ class DataInf(Estimator):
         for name, v in grads.items():
             stacked, norms = self.gradients[name], self.squared_norms[name]
             lam = self.damping_used[name]
-            flat = v.reshape(v.shape[0], -1).to(device=stacked.device, dtype=stacked.dtype)
-            coefficients = (flat @ stacked.T) / (lam + norms)  # [Q, n]
-            solved = (flat - (coefficients @ stacked) / stacked.shape[0]) / lam
+            flat = v.flatten(1).to(device=stacked.device, dtype=stacked.dtype)
+            coefficients = (flat @ stacked.T) / (lam + norms)  # [Q, n] (this rank's rows)
+            correction = self.world.sum(coefficients @ stacked, "DataInf query products")  # Σ over all n rows
+            solved = (flat - correction / self.n_examples) / lam
             out[name] = solved.reshape(v.shape).to(device=v.device, dtype=v.dtype)
         return out
 
@@ -158,7 +163,7 @@ class DataInf(Estimator):
         for name in self.layers:
             self.gradients[name] = state[f"{name}/gradients"]
             self.squared_norms[name] = state[f"{name}/squared_norms"]
-        self.n_examples = next(iter(self.gradients.values())).shape[0]
+        self.n_examples = int(self.world.sum_number(next(iter(self.gradients.values())).shape[0], "count examples"))
         self.damping_used = dict(damping_used)
         self.check_damping()
 

@@ -74,8 +74,11 @@ class KroneckerEigenbasis(Estimator):
 
     def fit_kronecker_factors(self, passes) -> None:
         """Pass 1: A, S (token averages) and T̄, then their float64 eigendecompositions."""
-        sum_aa = {n: 0.0 for n in self.layers}
-        sum_ss = {n: 0.0 for n in self.layers}
+        world = passes.world
+        sum_aa = {n: torch.zeros(l.d_in, l.d_in, dtype=torch.float64, device=passes.device)
+                  for n, l in self.layers.items()}
+        sum_ss = {n: torch.zeros(l.d_out, l.d_out, dtype=torch.float64, device=passes.device)
+                  for n, l in self.layers.items()}
         tokens = dict.fromkeys(self.layers, 0)
         n_examples = 0
         for cb in passes.iterate(Labels.CURVATURE, desc=f"{self.name}: covariances"):
@@ -83,19 +86,25 @@ class KroneckerEigenbasis(Estimator):
             for name in self.layers:
                 a = cb.activations[name].reshape(-1, cb.activations[name].shape[-1])
                 s = cb.output_grads[name].reshape(-1, cb.output_grads[name].shape[-1])
-                sum_aa[name] = sum_aa[name] + (a.T @ a).double()
-                sum_ss[name] = sum_ss[name] + (s.T @ s).double()
+                sum_aa[name] += (a.T @ a).double()
+                sum_ss[name] += (s.T @ s).double()
                 tokens[name] += cb.token_counts[name]
+        # several processes: each rank summed its shard; the sums over all ranks are one process' sums
+        counts = world.sum(torch.tensor([n_examples, *tokens.values()], dtype=torch.float64, device=world.device),
+                           "count examples")
+        n_examples, tokens = int(counts[0]), dict(zip(self.layers, counts[1:].tolist()))
         self.n_examples = n_examples
         bar = tqdm(self.layers, desc=f"{self.name}: eigendecompositions", disable=not passes.progress, leave=False,
                    unit="layer")
         for name in bar:
             count = max(tokens[name], 1)
-            self.activation_cov[name] = sum_aa[name] / count
-            self.gradient_cov[name] = sum_ss[name] / count
+            self.activation_cov[name] = world.sum(sum_aa[name], "sum covariances") / count
+            self.gradient_cov[name] = world.sum(sum_ss[name], "sum covariances") / count
             self.mean_tokens[name] = tokens[name] / n_examples
             self.eigvals_a[name], self.eigvecs_a[name] = torch.linalg.eigh(self.activation_cov[name])
             self.eigvals_s[name], self.eigvecs_s[name] = torch.linalg.eigh(self.gradient_cov[name])
+            for basis in (self.eigvals_a, self.eigvecs_a, self.eigvals_s, self.eigvecs_s):
+                world.broadcast(basis[name], "share eigenbases")  # rank 0's: the same bits on every rank
         if self.projected_shapes is not None:
             self.choose_projection()
 
@@ -257,7 +266,8 @@ class EKFAC(KroneckerEigenbasis):
 
     def fit(self, passes, keep=None):
         self.fit_kronecker_factors(passes)
-        sums = {n: 0.0 for n in self.layers}
+        sums = {n: torch.zeros(l.d_out, l.d_in, dtype=torch.float64, device=passes.device)
+                for n, l in self.layers.items()}
         # With the empirical Fisher the correction pass sees the very gradients the train-side cache needs: keep
         # them (rotated) and divide by Λ + λ afterwards, so fitting and caching are one pass (docs/design.md §2).
         keep = keep if passes.fisher == "empirical" else None
@@ -269,10 +279,12 @@ class EKFAC(KroneckerEigenbasis):
             rows = slice(cb.indices[0], cb.indices[-1] + 1)  # batches are consecutive examples
             for name in self.layers:
                 rotated = self._rotated_grads(cb, name)  # Q_Sᵀ ΣW Q_A per example, in the model's dtype
-                sums[name] = sums[name] + rotated.square().sum(dim=0).double()
+                sums[name] += rotated.square().sum(dim=0).double()
                 if keep is not None:
                     keep[name][rows] = self.restrict(name, rotated) if self.kept else rotated
-        self.eigenvalues = {name: sums[name] / n_rows for name in self.layers}
+        n_rows = int(passes.world.sum_number(n_rows, "count examples"))
+        self.eigenvalues = {name: passes.world.sum(sums[name], "sum eigenvalue corrections") / n_rows
+                            for name in self.layers}
         self.set_damping()
         if keep is not None:
             for name, stored in keep.items():

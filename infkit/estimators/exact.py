@@ -116,11 +116,12 @@ class Exact(Estimator):
     # -- fit ---------------------------------------------------------------------------------------------------
     def fit(self, passes, keep=None):
         if not self.forms:
-            self.check_fits(passes.n, passes.fisher)
-        device, n = passes.device, passes.n
+            self.check_fits(passes.n_total, passes.fisher)
+        # several processes: this rank's rows (passes.n) of all n examples; sums and rows combined below
+        device, n = passes.device, passes.n_total
         self.dense = {b: torch.zeros(size, size, dtype=torch.float64, device=device)
                       for b, (size, form) in enumerate(zip(self.block_sizes, self.forms)) if form == "dense"}
-        self.rows = {b: torch.zeros(n, size, dtype=torch.float64, device=device)
+        self.rows = {b: torch.zeros(passes.n, size, dtype=torch.float64, device=device)
                      for b, (size, form) in enumerate(zip(self.block_sizes, self.forms)) if form == "lowrank"}
         if passes.fisher == "empirical":
             for cb in passes.iterate(Labels.DATA, desc="exact: empirical Fisher"):
@@ -144,6 +145,9 @@ class Exact(Estimator):
                 self._accumulate(torch.cat(rows).double())
             for gram in self.dense.values():
                 gram /= n
+        for gram in self.dense.values():
+            passes.world.sum(gram, "sum the curvature")
+        self.rows = {b: passes.world.gather_rows(rows, "gather curvature rows") for b, rows in self.rows.items()}
         self._set_damping()
         return self.fitted(train_side=keep)
 

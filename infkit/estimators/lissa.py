@@ -130,6 +130,8 @@ class LiSSA(Estimator):
                 store.copy_(flat[name].reshape(store.shape).to(store.dtype))
         else:
             keep = None
+        # several processes: the recursion draws mini-batches from every example, so each rank holds all rows
+        flat = {name: passes.world.gather_rows(g, "gather LiSSA gradients") for name, g in flat.items()}
         for name, g in flat.items():  # rows: n examples (times fisher_samples draws)
             self.resolve_damping(name, DAMPING_FRACTION * float(g.double().square().mean()))
         self.stacks = self._to_groups(flat)
